@@ -1,0 +1,1 @@
+"""Image, text and lab encoders and their explainers (imported as ``mmcds.encoders``)."""

@@ -1,0 +1,1 @@
+"""The fusion model, its training, calibration and evaluation (imported as ``mmcds.fusion``)."""

@@ -1,0 +1,198 @@
+"""The fusion model: attention over modality tokens, with masks for what is missing.
+
+Each modality's tokens (one per image, one per note chunk, one per lab) are projected to a
+shared width, tagged with a modality-type embedding and attended over together with a learned
+summary token; one logit per finding comes out. A modality that is absent is masked, never
+zero-filled as if it were evidence.
+
+A checkpoint is a folder: ``config.json``, ``model.safetensors`` and ``README.md`` (the model
+card). ``from_pretrained`` loads every weight or fails.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from mmcds.findings import FINDING_NAMES
+from mmcds.records import MODALITIES, Encodings, Modality
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+CARD_NAME = "README.md"
+
+
+@dataclass
+class FusionConfig:
+    findings: list[str] = field(default_factory=lambda: list(FINDING_NAMES))
+    input_dims: dict[str, int] = field(default_factory=lambda: {"image": 64, "text": 384, "labs": 9})
+    d_model: int = 64
+    n_heads: int = 4
+    n_layers: int = 1
+    dropout: float = 0.1
+    modality_dropout: float = 0.25
+    max_tokens: dict[str, int] = field(default_factory=lambda: {"image": 8, "text": 64, "labs": 16})
+    # Encoder identities the embeddings must come from; a mismatch means the model is fed
+    # vectors from a space it was never trained on.
+    encoder_ids: dict[str, str] = field(default_factory=dict)
+    trained: bool = False
+    version: str = "untrained"
+    # Calibration and operating points, set after training (temperature 1 = uncalibrated).
+    temperature: dict[str, float] = field(default_factory=dict)
+    warning_threshold: dict[str, float] = field(default_factory=dict)
+    critical_threshold: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, path: Path) -> None:
+        (path / CONFIG_NAME).write_text(json.dumps(asdict(self), indent=2, sort_keys=True))
+
+    @classmethod
+    def load(cls, path: Path) -> FusionConfig:
+        return cls(**json.loads((path / CONFIG_NAME).read_text()))
+
+
+@dataclass
+class FusionBatch:
+    """Padded tokens per modality: ``tokens[m]`` (B, T, D_m) and ``mask[m]`` (B, T), True = real."""
+
+    tokens: dict[str, torch.Tensor]
+    mask: dict[str, torch.Tensor]
+
+
+def batch_from_encodings(
+    config: FusionConfig, items: list[Encodings], device: torch.device | None = None
+) -> FusionBatch:
+    """Pad each patient's tokens per modality to a batch; absent modalities get an all-False mask."""
+    tokens: dict[str, torch.Tensor] = {}
+    mask: dict[str, torch.Tensor] = {}
+    for modality in MODALITIES:
+        dim, cap = config.input_dims[modality], config.max_tokens[modality]
+        t = np.zeros((len(items), cap, dim), dtype=np.float32)
+        m = np.zeros((len(items), cap), dtype=bool)
+        for i, enc in enumerate(items):
+            got = enc.by_modality.get(modality)
+            if got is None or got.tokens.size == 0:
+                continue
+            if got.tokens.shape[1] != dim:
+                raise ValueError(
+                    f"{modality} embeddings have width {got.tokens.shape[1]}, the fusion model "
+                    f"expects {dim}: encoder {got.model_id} does not match this checkpoint"
+                )
+            n = min(cap, got.tokens.shape[0])
+            t[i, :n] = got.tokens[:n]
+            m[i, :n] = True
+        tokens[modality] = torch.from_numpy(t).to(device) if device else torch.from_numpy(t)
+        mask[modality] = torch.from_numpy(m).to(device) if device else torch.from_numpy(m)
+    return FusionBatch(tokens, mask)
+
+
+class FusionModel(nn.Module):
+    def __init__(self, config: FusionConfig) -> None:
+        super().__init__()
+        self.config = config
+        d = config.d_model
+        self.project = nn.ModuleDict(
+            {
+                m: nn.Sequential(nn.LayerNorm(config.input_dims[m]), nn.Linear(config.input_dims[m], d))
+                for m in MODALITIES
+            }
+        )
+        self.modality_embedding = nn.Parameter(torch.zeros(len(MODALITIES), d))
+        self.summary_token = nn.Parameter(torch.zeros(1, 1, d))
+        nn.init.normal_(self.modality_embedding, std=0.02)
+        nn.init.normal_(self.summary_token, std=0.02)
+        layer = nn.TransformerEncoderLayer(
+            d, config.n_heads, dim_feedforward=2 * d, dropout=config.dropout, batch_first=True
+        )
+        self.encoder = nn.TransformerEncoder(layer, config.n_layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(d)
+        self.heads = nn.Linear(d, len(config.findings))
+
+    def forward(
+        self, batch: FusionBatch, drop: dict[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """Logits (B, n_findings). ``drop[m]`` (B,) True removes modality m for that patient."""
+        parts, masks = [], []
+        for i, m in enumerate(MODALITIES):
+            x = self.project[m](batch.tokens[m]) + self.modality_embedding[i]
+            keep = batch.mask[m]
+            if drop is not None and m in drop:
+                keep = keep & ~drop[m][:, None]
+            parts.append(x)
+            masks.append(keep)
+        b = parts[0].shape[0]
+        summary = self.summary_token.expand(b, -1, -1)
+        x = torch.cat([summary, *parts], dim=1)
+        keep_all = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=x.device), *masks], dim=1)
+        h = self.encoder(x, src_key_padding_mask=~keep_all)
+        return torch.as_tensor(self.heads(self.norm(h[:, 0])))
+
+    @torch.inference_mode()
+    def predict_proba(self, items: list[Encodings]) -> np.ndarray:
+        """Calibrated probabilities (B, n_findings) for a list of patients."""
+        self.eval()
+        device = next(self.parameters()).device
+        logits = self(batch_from_encodings(self.config, items, device))
+        temps = torch.tensor(
+            [self.config.temperature.get(f, 1.0) for f in self.config.findings], device=device
+        )
+        return torch.sigmoid(logits / temps).cpu().numpy()
+
+    def check_encoders(self, encodings: Encodings) -> None:
+        for modality, enc in encodings.by_modality.items():
+            expected = self.config.encoder_ids.get(modality)
+            if expected and enc.model_id != expected:
+                raise ValueError(
+                    f"{modality} embeddings come from {enc.model_id}, but this fusion model was "
+                    f"trained on {expected}: configure the same encoder or retrain"
+                )
+
+    def save_pretrained(self, path: str | Path, card: str | None = None) -> Path:
+        out = Path(path)
+        out.mkdir(parents=True, exist_ok=True)
+        self.config.save(out)
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, out / WEIGHTS_NAME)
+        (out / CARD_NAME).write_text(card or default_card(self.config))
+        return out
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> FusionModel:
+        folder = Path(path)
+        if not (folder / WEIGHTS_NAME).is_file():
+            raise FileNotFoundError(
+                f"{folder} is not a fusion checkpoint: {WEIGHTS_NAME} missing "
+                "(only safetensors checkpoints are loaded)"
+            )
+        model = cls(FusionConfig.load(folder))
+        state = load_file(folder / WEIGHTS_NAME)
+        # strict: a missing or unexpected key means the file is not this architecture.
+        model.load_state_dict(state, strict=True)
+        model.eval()
+        return model
+
+    def modality_name(self, index: int) -> Modality:
+        return MODALITIES[index]
+
+
+def default_card(config: FusionConfig) -> str:
+    status = (
+        "trained" if config.trained else "UNTRAINED: random weights, scores carry no meaning"
+    )
+    return (
+        f"# mmcds fusion model {config.version}\n\n"
+        f"Status: {status}.\n\n"
+        "## Intended use\nDecision support for clinicians reviewing chest imaging, notes and "
+        "labs. Every output is preliminary until a clinician accepts it. Not for autonomous "
+        "diagnosis.\n\n"
+        f"## Findings\n{', '.join(config.findings)}\n\n"
+        f"## Encoders\n{json.dumps(config.encoder_ids, indent=2)}\n\n"
+        "## Limits\nTrained on a synthetic cohort; performance at a new site must be checked on "
+        "the local population before use. Labels may be noisy; saliency may mislead.\n"
+    )

@@ -1,0 +1,157 @@
+"""CDS Hooks JWT verification (CDS Hooks 2.0 §Trusting CDS Clients).
+
+Every hook carries a bearer JWT signed by the CDS client. We accept it only if: the issuer is on
+the allowlist; the key comes from that issuer's configured JWKS (re-fetched once on an unknown
+``kid``; a ``jku`` header must equal the configured JWKS URL); the algorithm is asymmetric
+(``none`` and HS* are refused, so a public key can never be used as an HMAC secret); ``aud`` is
+exactly this endpoint's URL; ``exp``/``iat`` are sane; and the ``jti`` was not seen before.
+
+Failures raise ``AuthError`` whose message is for the log (never the token itself); the HTTP
+answer is a bare 401.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+from joserfc import jws, jwt
+from joserfc.errors import JoseError
+from joserfc.jwk import KeySet
+
+ASYMMETRIC_ALGS = ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512"]
+LEEWAY_S = 60
+MAX_LIFETIME_S = 3600
+
+
+class AuthError(Exception):
+    """The hook's JWT is not acceptable. The message says why, for the log only."""
+
+
+class ReplayCache:
+    """``jti`` values seen until their token expires. In-process; one per service worker."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._seen: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._clock = clock
+
+    def check_and_add(self, key: str, expires_at: float) -> bool:
+        """True if new (and now recorded), False if it was already seen."""
+        now = self._clock()
+        with self._lock:
+            if len(self._seen) > 10_000:
+                self._seen = {k: exp for k, exp in self._seen.items() if exp > now}
+            if key in self._seen and self._seen[key] > now:
+                return False
+            self._seen[key] = expires_at + LEEWAY_S
+            return True
+
+
+class JwksSource:
+    """One trusted issuer's keys: inline JWKS JSON, or a URL fetched and cached."""
+
+    def __init__(self, spec: str, http: httpx.Client) -> None:
+        self.url = None if spec.lstrip().startswith("{") else spec
+        self._http = http
+        self._keys = KeySet.import_key_set(json.loads(spec)) if self.url is None else None
+        self._fetched_at = 0.0
+
+    def keys(self, kid: str | None) -> KeySet:
+        if self._keys is None or (kid and not self._has(kid) and self._may_refetch()):
+            self._fetch()
+        assert self._keys is not None
+        return self._keys
+
+    def _has(self, kid: str) -> bool:
+        return self._keys is not None and any(k.kid == kid for k in self._keys.keys)
+
+    def _may_refetch(self) -> bool:
+        # An unknown kid may be a key rotation; refetch, but not more than every 30 s so a
+        # stream of forged kids cannot turn us into a load generator against the issuer.
+        return self.url is not None and time.monotonic() - self._fetched_at > 30
+
+    def _fetch(self) -> None:
+        assert self.url is not None
+        self._fetched_at = time.monotonic()
+        try:
+            response = self._http.get(self.url)
+            response.raise_for_status()
+            self._keys = KeySet.import_key_set(response.json())
+        except (httpx.HTTPError, ValueError, JoseError) as exc:
+            raise AuthError(f"JWKS of issuer unavailable: {type(exc).__name__}") from exc
+
+
+class JwtVerifier:
+    def __init__(
+        self,
+        trusted_issuers: dict[str, str],
+        *,
+        replay: ReplayCache | None = None,
+        clock: Callable[[], float] = time.time,
+        http: httpx.Client | None = None,
+    ) -> None:
+        self._http = http or httpx.Client(timeout=5.0)
+        self._sources = {iss: JwksSource(spec, self._http) for iss, spec in trusted_issuers.items()}
+        self._replay = replay or ReplayCache(clock)
+        self._clock = clock
+
+    def verify(self, authorization: str | None, audience: str) -> dict[str, Any]:
+        """Claims of a valid token from an ``Authorization: Bearer`` header, or ``AuthError``."""
+        if not authorization or not authorization.startswith("Bearer "):
+            raise AuthError("missing bearer token")
+        token = authorization.removeprefix("Bearer ").strip()
+        try:
+            unverified = jws.extract_compact(token.encode())
+            header = unverified.protected
+            claims = json.loads(unverified.payload)
+        except (JoseError, ValueError) as exc:
+            raise AuthError(f"malformed JWT: {type(exc).__name__}") from exc
+        if header.get("alg") not in ASYMMETRIC_ALGS:
+            raise AuthError(f"algorithm {header.get('alg')!r} not accepted")
+        iss = claims.get("iss") if isinstance(claims, dict) else None
+        source = self._sources.get(str(iss))
+        if source is None:
+            raise AuthError("issuer not trusted")
+        if "jku" in header and header["jku"] != source.url:
+            raise AuthError("jku not on the allowlist for this issuer")
+        try:
+            verified = jwt.decode(token, source.keys(header.get("kid")), algorithms=ASYMMETRIC_ALGS)
+        except JoseError as exc:
+            raise AuthError(f"signature rejected: {type(exc).__name__}") from exc
+        self._check_claims(verified.claims, audience)
+        return verified.claims
+
+    def _check_claims(self, claims: dict[str, Any], audience: str) -> None:
+        now = self._clock()
+        aud = claims.get("aud")
+        auds = aud if isinstance(aud, list) else [aud]
+        if audience not in auds:
+            raise AuthError("aud does not match this endpoint")
+        exp, iat, jti = claims.get("exp"), claims.get("iat"), claims.get("jti")
+        if not isinstance(exp, int | float) or not isinstance(iat, int | float):
+            raise AuthError("exp and iat are required")
+        if exp < now - LEEWAY_S:
+            raise AuthError("token expired")
+        if iat > now + LEEWAY_S or exp - iat > MAX_LIFETIME_S:
+            raise AuthError("iat in the future or lifetime too long")
+        if not isinstance(jti, str) or not jti:
+            raise AuthError("jti is required")
+        if not self._replay.check_and_add(f"{claims['iss']}|{jti}", float(exp)):
+            raise AuthError("jti replayed")
+
+
+def sign_hook_jwt(
+    key: Any, *, issuer: str, audience: str, kid: str, alg: str = "ES384", ttl_s: int = 300
+) -> str:
+    """A CDS client's token for one hook call (used by the demo and the tests, as an EHR would)."""
+    import uuid
+
+    now = int(time.time())
+    claims = {"iss": issuer, "sub": "mmcds-demo", "aud": audience, "exp": now + ttl_s,
+              "iat": now, "jti": str(uuid.uuid4())}
+    return jwt.encode({"alg": alg, "typ": "JWT", "kid": kid}, claims, key, algorithms=[alg])

@@ -1,0 +1,86 @@
+"""The ``mmcds`` command line: load, serve, demo, synth."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mmcds.settings import get_settings
+
+app = typer.Typer(help="Multimodal clinical decision support over CDS Hooks, FHIR and DICOMweb.",
+                  no_args_is_help=True, add_completion=False)
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@app.command()
+def load(
+    folder: Annotated[Path, typer.Argument(exists=True, file_okay=False, help="Folder to load")],
+    fhir_url: Annotated[str | None, typer.Option(help="FHIR base URL")] = None,
+    dicomweb_url: Annotated[str | None, typer.Option(help="DICOMweb root of the PACS")] = None,
+) -> None:
+    """Post FHIR transaction bundles and DICOM files from FOLDER to a FHIR server and a PACS."""
+    from mmcds.fhir.client import FhirClient
+    from mmcds.fhir.dicomweb import DicomWebClient
+    from mmcds.fhir.load import load_folder
+
+    s = get_settings()
+    auth = (s.dicomweb_user, s.dicomweb_password) if s.dicomweb_user and s.dicomweb_password \
+        else None
+    with FhirClient(fhir_url or s.fhir_base_url, timeout=120) as fhir, \
+            DicomWebClient(dicomweb_url or s.dicomweb_url, auth=auth) as pacs:
+        result = load_folder(folder, fhir, pacs, progress=typer.echo)
+    typer.echo(f"loaded {result.bundles} bundle(s), {result.resources} resource(s), "
+               f"{result.dicom} DICOM file(s)")
+    for error in result.errors:
+        typer.echo(f"error: {error}", err=True)
+    if result.errors:
+        raise typer.Exit(1)
+
+
+@app.command()
+def serve() -> None:
+    """Run the CDS Hooks service (settings from MMCDS_* variables; see README)."""
+    import uvicorn
+
+    from mmcds.api import create_app
+
+    s = get_settings()
+    uvicorn.run(create_app(s), host=s.host, port=s.port, log_level="info")
+
+
+@app.command()
+def demo(
+    patients: Annotated[int, typer.Option(min=1, max=20)] = 3,
+    seed: Annotated[int, typer.Option()] = 7,
+    fhir_url: Annotated[str | None, typer.Option(help="Use this FHIR server, not a sandbox")] = None,
+    dicomweb_url: Annotated[str | None, typer.Option(help="Use this PACS, not Orthanc")] = None,
+) -> None:
+    """The main job on embedded defaults: servers, data, service, hooks, cards, reports."""
+    from mmcds.demo import run_demo
+
+    run_demo(patients=patients, seed=seed, fhir_url=fhir_url, dicomweb_url=dicomweb_url)
+
+
+@app.command()
+def synth(
+    out: Annotated[Path, typer.Option(help="Output folder")],
+    patients: Annotated[int, typer.Option(min=1)] = 100,
+    seed: Annotated[int, typer.Option()] = 0,
+    sites: Annotated[str, typer.Option(help="Comma-separated site names")] = "A,B",
+    label_noise: Annotated[float, typer.Option(min=0.0, max=0.5)] = 0.0,
+) -> None:
+    """Write a synthetic multimodal cohort whose ground truth is known."""
+    from mmcds.synth import generate_cohort
+
+    summary = generate_cohort(out, patients=patients, seed=seed,
+                              sites=tuple(s.strip() for s in sites.split(",") if s.strip()),
+                              label_noise=label_noise)
+    typer.echo(str(summary))

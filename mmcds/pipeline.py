@@ -1,0 +1,210 @@
+"""The one pipeline: record -> encodings -> assessment, used by the hook, the CLI and batch jobs.
+
+Encoding is the expensive stage (DESIGN §3), so every embedding goes through the cache keyed by
+(content hash, model id): a second hook for the same data only runs fusion.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mmcds.encoders.image import ImageEncoder, build_tiny_cnn, build_tiny_vit
+from mmcds.encoders.labs import LabEncoder
+from mmcds.encoders.text import TextEncoder
+from mmcds.fusion.model import FusionConfig, FusionModel
+from mmcds.records import (
+    Assessment,
+    Encodings,
+    FindingScore,
+    ModalityEncoding,
+    PatientRecord,
+    content_hash,
+)
+from mmcds.settings import Settings
+from mmcds.store import EmbeddingCache
+
+log = logging.getLogger(__name__)
+
+# An untrained model must never raise an alarm: its thresholds sit above any probability.
+_NEVER = 1.01
+
+
+@dataclass
+class Analysis:
+    record: PatientRecord
+    encodings: Encodings
+    assessment: Assessment
+    skipped_chunks: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def identifier(self) -> str:
+        """Deterministic id of (model versions, inputs): makes write-back idempotent."""
+        parts = [self.assessment.model_id, self.assessment.model_version]
+        for enc in self.encodings.by_modality.values():
+            parts += [enc.model_id, *enc.input_hashes]
+        return content_hash("|".join(parts))[:32]
+
+
+class Pipeline:
+    def __init__(
+        self,
+        cnn: ImageEncoder,
+        vit: ImageEncoder,
+        text: TextEncoder,
+        labs: LabEncoder,
+        fusion: FusionModel,
+        cache: EmbeddingCache | None = None,
+    ) -> None:
+        self.cnn, self.vit, self.text, self.labs, self.fusion = cnn, vit, text, labs, fusion
+        self.cache = cache
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Pipeline:
+        model_dir = Path(settings.model_dir)
+        cnn_path = settings.cnn_model or str(_ensure(model_dir / "tiny-cnn", build_tiny_cnn))
+        vit_path = settings.vit_model or str(_ensure(model_dir / "tiny-vit", build_tiny_vit))
+        cnn = ImageEncoder.from_pretrained(cnn_path)
+        vit = ImageEncoder.from_pretrained(vit_path)
+        text = TextEncoder.from_pretrained(settings.text_model or None)
+        if settings.fusion_model:
+            fusion = FusionModel.from_pretrained(settings.fusion_model)
+            labs = LabEncoder.from_pretrained(settings.fusion_model)
+        else:
+            labs = LabEncoder()
+            fusion = untrained_fusion(cnn, vit, text, labs)
+        cache = EmbeddingCache(settings.database_url)
+        return cls(cnn, vit, text, labs, fusion, cache)
+
+    # --- encode -----------------------------------------------------------------------------
+
+    def encode(self, record: PatientRecord) -> Encodings:
+        encodings = Encodings()
+        if record.images:
+            encodings.by_modality["image"] = self._encode_images(record)
+        if record.notes:
+            text = self._encode_text(record)
+            if text.tokens.shape[0]:
+                encodings.by_modality["text"] = text
+        if not record.labs.empty:
+            encodings.by_modality["labs"] = self.labs.encode(record.labs)
+        return encodings
+
+    def _cached(self, keys: list[str], model_id: str) -> dict[str, np.ndarray]:
+        if self.cache is None:
+            return {}
+        found = self.cache.get_many([(k, model_id) for k in keys])
+        return {k: v for (k, _), v in found.items()}
+
+    def _embed_images(self, encoder: ImageEncoder, record: PatientRecord) -> np.ndarray:
+        keys = [img.content_hash for img in record.images]
+        hits = self._cached(keys, encoder.model_id)
+        todo = [i for i, k in enumerate(keys) if k not in hits]
+        if todo:
+            fresh = encoder.embed([record.images[i].pixels for i in todo])
+            for i, vec in zip(todo, fresh, strict=True):
+                hits[keys[i]] = vec
+                if self.cache is not None:
+                    self.cache.put(keys[i], encoder.model_id, vec)
+        return np.stack([hits[k] for k in keys]).astype(np.float32)
+
+    def _encode_images(self, record: PatientRecord) -> ModalityEncoding:
+        # One token per image: the CNN's and the ViT's views of it side by side.
+        tokens = np.concatenate(
+            [self._embed_images(self.cnn, record), self._embed_images(self.vit, record)], axis=1
+        )
+        return ModalityEncoding(
+            modality="image",
+            tokens=tokens,
+            spans=[img.sop_uid for img in record.images],
+            model_id=f"{self.cnn.model_id}+{self.vit.model_id}",
+            input_hashes=[img.content_hash for img in record.images],
+        )
+
+    def _encode_text(self, record: PatientRecord) -> ModalityEncoding:
+        chunks = self.text.chunks(record.notes)
+        keys = [content_hash(c.text) for c in chunks]
+        hits = self._cached(keys, self.text.model_id)
+        todo = [i for i, k in enumerate(keys) if k not in hits]
+        if todo:
+            fresh = self.text.embed_chunks([chunks[i] for i in todo])
+            for i, vec in zip(todo, fresh, strict=True):
+                hits[keys[i]] = vec
+                if self.cache is not None:
+                    self.cache.put(keys[i], self.text.model_id, vec)
+        dim = self.fusion.config.input_dims["text"]
+        tokens = (
+            np.stack([hits[k] for k in keys]).astype(np.float32)
+            if keys
+            else np.zeros((0, dim), np.float32)
+        )
+        return ModalityEncoding(
+            modality="text",
+            tokens=tokens,
+            spans=[f"{c.note_ref}#{c.start}-{c.end}" for c in chunks],
+            model_id=self.text.model_id,
+            input_hashes=[n.content_hash for n in record.notes],
+        )
+
+    # --- fuse -------------------------------------------------------------------------------
+
+    def fuse(self, encodings: Encodings) -> Assessment:
+        config = self.fusion.config
+        self.fusion.check_encoders(encodings)
+        probs = self.fusion.predict_proba([encodings])[0]
+        scores = [
+            FindingScore(
+                finding=name,
+                probability=float(p),
+                warning_threshold=config.warning_threshold.get(name, _NEVER)
+                if config.trained
+                else _NEVER,
+                critical_threshold=config.critical_threshold.get(name, _NEVER)
+                if config.trained
+                else _NEVER,
+            )
+            for name, p in zip(config.findings, probs, strict=True)
+        ]
+        return Assessment(
+            findings=scores,
+            model_id="mmcds-fusion",
+            model_version=config.version,
+            trained=config.trained,
+            modalities_used=encodings.present,
+            calibration="temperature" if config.temperature else "none",
+        )
+
+    def analyse(self, record: PatientRecord) -> Analysis:
+        encodings = self.encode(record)
+        return Analysis(record, encodings, self.fuse(encodings))
+
+
+def _ensure(path: Path, build: object) -> Path:
+    """Build a tiny local checkpoint once (no model hub is reachable on these machines)."""
+    if not (path / "config.json").is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        build(path)  # type: ignore[operator]
+    return path
+
+
+def untrained_fusion(
+    cnn: ImageEncoder, vit: ImageEncoder, text: TextEncoder, labs: LabEncoder
+) -> FusionModel:
+    """A randomly initialised (seeded) fusion model wired to these encoders' widths."""
+    probe = np.zeros((32, 32), np.float32)
+    image_dim = cnn.embed([probe]).shape[1] + vit.embed([probe]).shape[1]
+    config = FusionConfig(
+        input_dims={"image": image_dim, "text": text.dim, "labs": labs.token_dim},
+        encoder_ids={
+            "image": f"{cnn.model_id}+{vit.model_id}",
+            "text": text.model_id,
+            "labs": labs.model_id,
+        },
+    )
+    torch.manual_seed(0)
+    return FusionModel(config).eval()

@@ -1,0 +1,176 @@
+"""The typed values that flow between the pipeline's stages.
+
+gather -> ``PatientRecord`` -> encode -> ``Encodings`` -> fuse -> ``Assessment``
+-> explain -> ``Explanation`` -> report -> ``Report``.
+
+Every stage takes and returns these plain values, so each stage can be run, tested and timed on
+its own, and the CLI, the hook handler and the batch scorer call the same pipeline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from enum import StrEnum
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+
+Modality = Literal["image", "text", "labs"]
+MODALITIES: tuple[Modality, ...] = ("image", "text", "labs")
+
+#: Columns of ``PatientRecord.labs``; one row per FHIR Observation value, in canonical units.
+LAB_COLUMNS = [
+    "loinc",  # LOINC code, e.g. "6690-2"
+    "name",  # the project's short name for the analyte, e.g. "wbc" (None if not in the catalogue)
+    "display",  # the display text sent by the EHR
+    "value",  # float, converted to the canonical unit
+    "unit",  # canonical UCUM unit after conversion
+    "source_value",  # float as sent
+    "source_unit",  # UCUM unit as sent
+    "time",  # pandas Timestamp (UTC) of effective[x]
+    "ref_low",  # reference range in the canonical unit, NaN if absent
+    "ref_high",
+    "interpretation",  # e.g. "H", "L", "N" or None
+    "reference",  # "Observation/<id>"
+]
+
+
+def content_hash(data: bytes | str) -> str:
+    """SHA-256 hex digest: the identity of an input, used as the embedding-cache key."""
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    return hashlib.sha256(raw).hexdigest()
+
+
+@dataclass(frozen=True)
+class Patient:
+    id: str
+    sex: str | None = None
+    birth_date: date | None = None
+
+
+@dataclass
+class ImageInput:
+    """One decoded image with its provenance.
+
+    ``pixels`` is float32, shape (H, W), in [0, 1], already through the Modality and VOI LUTs and
+    with MONOCHROME1 inverted, so bright always means dense (bone, fluid, consolidation).
+    """
+
+    pixels: np.ndarray
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    modality: str | None = None
+    view: str | None = None
+    site: str | None = None
+    acquired: datetime | None = None
+    reference: str | None = None  # "ImagingStudy/<id>"
+    content_hash: str = ""
+    body_part: str | None = None  # DICOM BodyPartExamined, for the quality gate
+
+
+@dataclass
+class Note:
+    """One clinical note as plain text; evidence offsets always index into ``text``."""
+
+    text: str
+    reference: str  # "DocumentReference/<id>" or "DiagnosticReport/<id>"
+    note_type: str | None = None
+    date: datetime | None = None
+    content_hash: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.content_hash:
+            self.content_hash = content_hash(self.text)
+
+
+@dataclass(frozen=True)
+class Missing:
+    """Something the record should have had but could not load: never dropped silently."""
+
+    modality: Modality
+    reason: str
+    reference: str | None = None
+
+
+@dataclass
+class PatientRecord:
+    patient: Patient
+    images: list[ImageInput] = field(default_factory=list)
+    notes: list[Note] = field(default_factory=list)
+    labs: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=LAB_COLUMNS))
+    missing: list[Missing] = field(default_factory=list)
+    encounter: str | None = None  # "Encounter/<id>" when the hook gave one
+
+    def has(self, modality: Modality) -> bool:
+        if modality == "image":
+            return bool(self.images)
+        if modality == "text":
+            return bool(self.notes)
+        return not self.labs.empty
+
+
+@dataclass
+class ModalityEncoding:
+    """Tokens one encoder produced for one patient: (n_tokens, dim) float32.
+
+    ``spans`` ties each token back to its input (an image SOP UID, a note chunk's
+    ``reference#start-end``, a lab name) so explanations can point at the source.
+    """
+
+    modality: Modality
+    tokens: np.ndarray
+    spans: list[str]
+    model_id: str
+    input_hashes: list[str]
+
+
+@dataclass
+class Encodings:
+    by_modality: dict[Modality, ModalityEncoding] = field(default_factory=dict)
+
+    @property
+    def present(self) -> list[Modality]:
+        return [m for m in MODALITIES if m in self.by_modality]
+
+
+class Level(StrEnum):
+    """CDS Hooks 2.0 card indicators."""
+
+    info = "info"
+    warning = "warning"
+    critical = "critical"
+
+
+@dataclass(frozen=True)
+class FindingScore:
+    finding: str
+    probability: float  # calibrated
+    warning_threshold: float
+    critical_threshold: float
+
+    @property
+    def level(self) -> Level:
+        if self.probability >= self.critical_threshold:
+            return Level.critical
+        if self.probability >= self.warning_threshold:
+            return Level.warning
+        return Level.info
+
+
+@dataclass
+class Assessment:
+    findings: list[FindingScore]
+    model_id: str
+    model_version: str
+    trained: bool  # False until a trained checkpoint is loaded: scores then mean nothing
+    modalities_used: list[Modality]
+    calibration: str = "none"
+
+    @property
+    def level(self) -> Level:
+        order = [Level.info, Level.warning, Level.critical]
+        return max((f.level for f in self.findings), key=order.index, default=Level.info)

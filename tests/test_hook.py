@@ -1,0 +1,203 @@
+"""The patient-view hook end to end: real FHIR sandbox, real Orthanc, real models."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from joserfc.jwk import ECKey
+
+from mmcds.api import create_app
+from mmcds.auth import sign_hook_jwt
+from mmcds.fhir.client import FhirClient
+from mmcds.fhir.dicomweb import DicomWebClient
+from mmcds.fhir.gather import gather_patient
+from mmcds.fhir.load import load_folder
+from mmcds.pipeline import Pipeline
+from mmcds.servers import free_port
+from mmcds.settings import Settings
+from mmcds.synth import generate_cohort
+
+ISSUER = "https://ehr.test.mmcds.local"
+KID = "test-key-1"
+BASE = "http://testserver"
+ENDPOINT = f"{BASE}/cds-services/mmcds-patient-view"
+
+
+@pytest.fixture(scope="session")
+def ehr_key() -> ECKey:
+    return ECKey.generate_key("P-384", parameters={"kid": KID})
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
+    root = tmp_path_factory.mktemp("models")
+    settings = Settings(model_dir=root, database_url=f"sqlite:///{root / 'cache.db'}")
+    return Pipeline.from_settings(settings)
+
+
+@pytest.fixture(scope="session")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("cohort")
+    generate_cohort(out, patients=2, seed=11)
+    return out
+
+
+def _settings(ehr_key: ECKey, fhir_urls: list[str], pacs: Any) -> Settings:
+    jwks = json.dumps({"keys": [ehr_key.as_dict(private=False)]})
+    user, password = pacs.auth
+    return Settings(
+        public_base_url=BASE,
+        fhir_allowlist=fhir_urls,
+        fhir_base_url=fhir_urls[0],
+        dicomweb_url=pacs.dicomweb_url,
+        dicomweb_user=user,
+        dicomweb_password=password,
+        trusted_issuers={ISSUER: jwks},
+    )
+
+
+@pytest.fixture
+def call_hook(
+    ehr_key: ECKey, pipeline: Pipeline, fhir_url: str, dicomweb: Any
+) -> Iterator[Callable[..., Any]]:
+    dead_fhir = f"http://127.0.0.1:{free_port()}/fhir/R4"  # nothing listens there
+    app = create_app(_settings(ehr_key, [fhir_url, dead_fhir], dicomweb), pipeline)
+    with TestClient(app) as client:
+
+        def call(body: dict[str, Any], *, service: str = "mmcds-patient-view",
+                 token: str | None = None) -> Any:
+            token = token or sign_hook_jwt(ehr_key, issuer=ISSUER, audience=ENDPOINT, kid=KID)
+            return client.post(f"/cds-services/{service}", json=body,
+                               headers={"Authorization": f"Bearer {token}"})
+
+        call.dead_fhir = dead_fhir  # type: ignore[attr-defined]
+        call.client = client  # type: ignore[attr-defined]
+        yield call
+
+
+def _request(fhir_url: str, patient_id: str | None) -> dict[str, Any]:
+    context: dict[str, Any] = {"userId": "Practitioner/test"}
+    if patient_id is not None:
+        context["patientId"] = patient_id
+    return {"hookInstance": "d1577c69-dfbe-44ad-ba6d-3e05e953b2ea", "hook": "patient-view",
+            "fhirServer": fhir_url, "context": context}
+
+
+def _load(folder: Path, fhir_url: str, pacs: Any) -> list[str]:
+    with FhirClient(fhir_url, timeout=120) as fhir, \
+            DicomWebClient(pacs.dicomweb_url, auth=pacs.auth) as dicom:
+        result = load_folder(folder, fhir, dicom)
+        assert not result.errors, result.errors
+        return [p["id"] for p in fhir.search("Patient", {"_count": "50"})]
+
+
+def test_hook_writes_back_a_report_with_the_run_values(
+    call_hook: Callable[..., Any], cohort: Path, fhir_url: str, dicomweb: Any,
+    pipeline: Pipeline,
+) -> None:
+    patient_id = _load(cohort, fhir_url, dicomweb)[0]
+
+    response = call_hook(_request(fhir_url, patient_id))
+
+    assert response.status_code == 200, response.text
+    (card,) = response.json()["cards"]
+    assert "UNTRAINED" in card["summary"] and len(card["summary"]) < 140
+    assert card["indicator"] == "info"  # an untrained model never raises an alarm
+    assert "1 image(s)" in card["detail"]
+    with FhirClient(fhir_url) as fhir, DicomWebClient(dicomweb.dicomweb_url,
+                                                       auth=dicomweb.auth) as pacs:
+        (report,) = fhir.search("DiagnosticReport", {"subject": f"Patient/{patient_id}"})
+        assert report["status"] == "preliminary"
+        assert report["subject"]["reference"] == f"Patient/{patient_id}"
+        assert "UNTRAINED" in report["conclusion"]
+        written = {}
+        for ref in report["result"]:
+            obs = fhir.read(*ref["reference"].split("/"))
+            assert obs["subject"]["reference"] == f"Patient/{patient_id}"
+            written[obs["code"]["coding"][0]["code"]] = obs["valueQuantity"]["value"]
+        # The same pipeline on the same gathered data gives the values that were written.
+        expected = pipeline.analyse(gather_patient(fhir, pacs, patient_id)).assessment
+    from mmcds.findings import BY_NAME
+
+    assert written == {
+        BY_NAME[f.finding].snomed: pytest.approx(f.probability, abs=1e-4)
+        for f in expected.findings
+    }
+    assert set(expected.modalities_used) == {"image", "text", "labs"}
+
+
+def test_same_analysis_twice_writes_one_report(
+    call_hook: Callable[..., Any], cohort: Path, fhir_url: str, dicomweb: Any
+) -> None:
+    patient_id = _load(cohort, fhir_url, dicomweb)[0]
+    for _ in range(2):
+        assert call_hook(_request(fhir_url, patient_id)).status_code == 200
+    with FhirClient(fhir_url) as fhir:
+        reports = fhir.search("DiagnosticReport", {"subject": f"Patient/{patient_id}"})
+    assert len(reports) == 1
+
+
+def test_synthea_patient_with_study_but_no_pixels(
+    call_hook: Callable[..., Any], shared_data: Path, fhir_url: str, dicomweb: Any,
+    tmp_path: Path,
+) -> None:
+    source = next((shared_data / "synthea-r4").glob("Louis_Erdman_*.json"))
+    (tmp_path / source.name).write_bytes(source.read_bytes())
+    (patient_id,) = _load(tmp_path, fhir_url, dicomweb)
+
+    response = call_hook(_request(fhir_url, patient_id))
+
+    assert response.status_code == 200, response.text
+    (card,) = response.json()["cards"]
+    assert "0 image(s)" in card["detail"]
+    assert "unavailable" in card["detail"] and "image" in card["detail"]
+
+
+def test_bad_requests_get_clear_errors(call_hook: Callable[..., Any], fhir_url: str,
+                                       ehr_key: ECKey) -> None:
+    missing = call_hook(_request(fhir_url, None))
+    assert missing.status_code == 400
+    assert "context.patientId" in missing.json()["error"]
+
+    unknown = call_hook(_request(fhir_url, "x"), service="no-such-service")
+    assert unknown.status_code == 404
+
+    foreign = call_hook({**_request(fhir_url, "x"), "fhirServer": "http://169.254.169.254/fhir"})
+    assert foreign.status_code == 403
+
+    wrong_aud = sign_hook_jwt(ehr_key, issuer=ISSUER, audience=f"{BASE}/other", kid=KID)
+    assert call_hook(_request(fhir_url, "x"), token=wrong_aud).status_code == 401
+    anonymous = call_hook.client.post(  # type: ignore[attr-defined]
+        "/cds-services/mmcds-patient-view", json=_request(fhir_url, "x"))
+    assert anonymous.status_code == 401
+    assert anonymous.json() == {}
+
+
+def test_replayed_token_is_refused(call_hook: Callable[..., Any], fhir_url: str,
+                                   ehr_key: ECKey) -> None:
+    token = sign_hook_jwt(ehr_key, issuer=ISSUER, audience=ENDPOINT, kid=KID)
+    first = call_hook(_request(fhir_url, None), token=token)
+    assert first.status_code == 400  # accepted, then refused for the missing patient
+    assert call_hook(_request(fhir_url, None), token=token).status_code == 401
+
+
+def test_fhir_server_down_gives_a_degraded_card_and_service_keeps_serving(
+    call_hook: Callable[..., Any], cohort: Path, fhir_url: str, dicomweb: Any
+) -> None:
+    down = call_hook(_request(call_hook.dead_fhir, "anyone"))  # type: ignore[attr-defined]
+    assert down.status_code == 200
+    (card,) = down.json()["cards"]
+    assert "unavailable" in card["summary"]
+
+    patient_id = _load(cohort, fhir_url, dicomweb)[0]
+    assert call_hook(_request(fhir_url, patient_id)).status_code == 200
+
+
+def test_discovery_lists_the_patient_view_service(call_hook: Callable[..., Any]) -> None:
+    services = call_hook.client.get("/cds-services").json()["services"]  # type: ignore[attr-defined]
+    assert {"id": "mmcds-patient-view", "hook": "patient-view"}.items() <= services[0].items()
