@@ -5,5 +5,5 @@ cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-.venv/bin/mypy mmcds encoders fusion fhir
+bash deploy/typecheck.sh
 .venv/bin/pytest -q "$@"

@@ -1,4 +1,4 @@
-"""FHIR client, gather (FHIR -> PatientRecord), DICOMweb and write-back (imported as ``mmcds.fhir``).
+"""FHIR client, gather (FHIR -> record), DICOMweb and write-back (imported as ``mmcds.fhir``).
 
 ``fhir.resources`` installs a regular top-level package named ``fhir``; run from the repo root,
 this folder would shadow it. Extending ``__path__`` lets both be found whichever comes first.

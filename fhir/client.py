@@ -128,7 +128,9 @@ class FhirClient:
                     seen += 1
                     if seen >= self.max_results:
                         return
-            url = next((ln["url"] for ln in bundle.get("link", []) if ln["relation"] == "next"), None)
+            url = next(
+                (ln["url"] for ln in bundle.get("link", []) if ln["relation"] == "next"), None
+            )
             query = None  # the next link carries the query
 
     def create(self, resource: dict[str, Any]) -> dict[str, Any]:

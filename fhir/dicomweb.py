@@ -157,6 +157,7 @@ class DicomWebClient:
             },
         )
         result: dict[str, Any] = response.json() if response.content else {}
-        if "00081198" in result:  # FailedSOPSequence
-            raise DicomWebError(f"PACS refused {len(result['00081198'].get('Value', []))} instance(s)")
+        failed = (result.get("00081198") or {}).get("Value") or []  # FailedSOPSequence
+        if failed:
+            raise DicomWebError(f"PACS refused {len(failed)} instance(s)")
         return result

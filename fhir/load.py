@@ -49,8 +49,11 @@ def load_folder(
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             result.errors.append(f"{path}: not JSON ({exc})")
             continue
-        if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle" or \
-                bundle.get("type") not in ("transaction", "batch"):
+        if (
+            not isinstance(bundle, dict)
+            or bundle.get("resourceType") != "Bundle"
+            or bundle.get("type") not in ("transaction", "batch")
+        ):
             continue
         try:
             response = fhir.transaction(bundle)

@@ -18,7 +18,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from fhir.resources.R4B.bundle import Bundle
-
 from mmcds.findings import BY_NAME
 from mmcds.pipeline import Analysis
 
@@ -31,8 +30,11 @@ AIAST = {
 }
 REPORT_CODE = {
     "coding": [
-        {"system": "urn:mmcds:report", "code": "multimodal-risk-summary",
-         "display": "Multimodal AI diagnosis-support summary"}
+        {
+            "system": "urn:mmcds:report",
+            "code": "multimodal-risk-summary",
+            "display": "Multimodal AI diagnosis-support summary",
+        }
     ],
     "text": "AI diagnosis-support summary (preliminary)",
 }
@@ -57,9 +59,7 @@ def _inputs(analysis: Analysis) -> list[str]:
 def _conclusion(analysis: Analysis) -> str:
     a = analysis.assessment
     lines = [] if a.trained else ["UNTRAINED model: scores carry no clinical meaning."]
-    lines += [
-        f"{BY_NAME[f.finding].display}: {f.probability:.2f} ({f.level})" for f in a.findings
-    ]
+    lines += [f"{BY_NAME[f.finding].display}: {f.probability:.2f} ({f.level})" for f in a.findings]
     if analysis.record.missing:
         lines.append(f"{len(analysis.record.missing)} input(s) unavailable to the model.")
     lines.append("Preliminary AI output; requires clinician review.")
@@ -119,12 +119,24 @@ def report_bundle(analysis: Analysis, *, now: datetime | None = None) -> dict[st
             "resourceType": "Observation",
             "meta": _meta(),
             "status": "preliminary",
-            "category": [{"coding": [{
-                "system": "http://terminology.hl7.org/CodeSystem/observation-category",
-                "code": "imaging"}]}],
+            "category": [
+                {
+                    "coding": [
+                        {
+                            "system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                            "code": "imaging",
+                        }
+                    ]
+                }
+            ],
             "code": {
-                "coding": [{"system": "http://snomed.info/sct", "code": finding.snomed,
-                            "display": finding.display}],
+                "coding": [
+                    {
+                        "system": "http://snomed.info/sct",
+                        "code": finding.snomed,
+                        "display": finding.display,
+                    }
+                ],
                 "text": f"AI probability of {finding.display.lower()}",
             },
             "subject": subject,
@@ -143,8 +155,13 @@ def report_bundle(analysis: Analysis, *, now: datetime | None = None) -> dict[st
             observation["derivedFrom"] = inputs
         if analysis.record.encounter:
             observation["encounter"] = {"reference": analysis.record.encounter}
-        entries.append({"fullUrl": urn, "resource": observation,
-                        "request": {"method": "POST", "url": "Observation"}})
+        entries.append(
+            {
+                "fullUrl": urn,
+                "resource": observation,
+                "request": {"method": "POST", "url": "Observation"},
+            }
+        )
 
     conclusion = _conclusion(analysis)
     report: dict[str, Any] = {
@@ -152,47 +169,75 @@ def report_bundle(analysis: Analysis, *, now: datetime | None = None) -> dict[st
         "meta": _meta(),
         "identifier": [{"system": REPORT_SYSTEM, "value": analysis.identifier}],
         "status": "preliminary",
-        "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0074",
-                                  "code": "OTH", "display": "Other"}]}],
+        "category": [
+            {
+                "coding": [
+                    {
+                        "system": "http://terminology.hl7.org/CodeSystem/v2-0074",
+                        "code": "OTH",
+                        "display": "Other",
+                    }
+                ]
+            }
+        ],
         "code": REPORT_CODE,
         "subject": subject,
         "effectiveDateTime": issued,
         "issued": issued,
         "result": result_refs,
         "conclusion": conclusion,
-        "presentedForm": [{
-            "contentType": "text/html; charset=utf-8",
-            "title": "AI diagnosis-support summary",
-            "data": base64.b64encode(_html(analysis, conclusion).encode()).decode(),
-        }],
+        "presentedForm": [
+            {
+                "contentType": "text/html; charset=utf-8",
+                "title": "AI diagnosis-support summary",
+                "data": base64.b64encode(_html(analysis, conclusion).encode()).decode(),
+            }
+        ],
     }
     studies = sorted({img.reference for img in analysis.record.images if img.reference})
     if studies:
         report["imagingStudy"] = [{"reference": s} for s in studies]
     if analysis.record.encounter:
         report["encounter"] = {"reference": analysis.record.encounter}
-    entries.append({
-        "fullUrl": report_urn,
-        "resource": report,
-        "request": {"method": "POST", "url": "DiagnosticReport",
-                    "ifNoneExist": f"identifier={REPORT_SYSTEM}|{analysis.identifier}"},
-    })
+    entries.append(
+        {
+            "fullUrl": report_urn,
+            "resource": report,
+            "request": {
+                "method": "POST",
+                "url": "DiagnosticReport",
+                "ifNoneExist": f"identifier={REPORT_SYSTEM}|{analysis.identifier}",
+            },
+        }
+    )
     provenance: dict[str, Any] = {
         "resourceType": "Provenance",
         "meta": _meta(),
         "target": [{"reference": report_urn}, *result_refs],
         "recorded": issued,
-        "agent": [{
-            "type": {"coding": [{
-                "system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type",
-                "code": "author"}]},
-            "who": {"reference": device_urn},
-        }],
+        "agent": [
+            {
+                "type": {
+                    "coding": [
+                        {
+                            "system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type",
+                            "code": "author",
+                        }
+                    ]
+                },
+                "who": {"reference": device_urn},
+            }
+        ],
     }
     if inputs:
         provenance["entity"] = [{"role": "source", "what": ref} for ref in inputs]
-    entries.append({"fullUrl": _urn(), "resource": provenance,
-                    "request": {"method": "POST", "url": "Provenance"}})
+    entries.append(
+        {
+            "fullUrl": _urn(),
+            "resource": provenance,
+            "request": {"method": "POST", "url": "Provenance"},
+        }
+    )
 
     bundle = {"resourceType": "Bundle", "type": "transaction", "entry": entries}
     Bundle.model_validate(bundle)  # fail here, with the field named, not at the EHR

@@ -118,39 +118,57 @@ def create_app(settings: Settings, pipeline: Pipeline | None = None) -> FastAPI:
         except (ValueError, ValidationError) as exc:
             return _error(400, f"invalid CDS Hooks request: {str(exc)[:300]}")
         if hook_request.hook != SERVICES[service_id]["hook"]:
-            return _error(400, f"service {service_id} answers {SERVICES[service_id]['hook']}, "
-                               f"not {hook_request.hook}")
+            return _error(
+                400,
+                f"service {service_id} answers {SERVICES[service_id]['hook']}, "
+                f"not {hook_request.hook}",
+            )
         patient_id = hook_request.context.get("patientId")
         if not isinstance(patient_id, str) or not patient_id:
             return _error(400, "context.patientId is required for patient-view")
         fhir_server = (hook_request.fhirServer or settings.fhir_base_url).rstrip("/")
         if fhir_server not in allowlist:
-            return _error(403, "fhirServer is not on this service's allowlist "
-                               "(MMCDS_FHIR_ALLOWLIST)")
-        log.info("hook %s jti=%s instance=%s", request_id, claims.get("jti"),
-                 hook_request.hookInstance)
-        token = hook_request.fhirAuthorization.access_token if hook_request.fhirAuthorization \
-            else None
+            return _error(
+                403, "fhirServer is not on this service's allowlist (MMCDS_FHIR_ALLOWLIST)"
+            )
+        log.info(
+            "hook %s jti=%s instance=%s", request_id, claims.get("jti"), hook_request.hookInstance
+        )
+        token = (
+            hook_request.fhirAuthorization.access_token if hook_request.fhirAuthorization else None
+        )
         encounter = hook_request.context.get("encounterId")
         # The analysis is CPU-bound: run it off the event loop.
         cards = await run_in_threadpool(
-            _analyse, fhir_server, token, patient_id,
-            f"Encounter/{encounter}" if isinstance(encounter, str) else None, request_id,
+            _analyse,
+            fhir_server,
+            token,
+            patient_id,
+            f"Encounter/{encounter}" if isinstance(encounter, str) else None,
+            request_id,
         )
         return JSONResponse({"cards": cards})
 
     def _analyse(
-        fhir_server: str, token: str | None, patient_id: str, encounter: str | None,
+        fhir_server: str,
+        token: str | None,
+        patient_id: str,
+        encounter: str | None,
         request_id: str,
     ) -> list[dict[str, Any]]:
-        auth = (settings.dicomweb_user, settings.dicomweb_password) \
-            if settings.dicomweb_user and settings.dicomweb_password else None
-        with FhirClient(fhir_server, token=token, timeout=settings.fhir_timeout_s) as fhir, \
-                DicomWebClient(settings.dicomweb_url, auth=auth,
-                               max_bytes=settings.max_image_bytes) as pacs:
+        auth = (
+            (settings.dicomweb_user, settings.dicomweb_password)
+            if settings.dicomweb_user and settings.dicomweb_password
+            else None
+        )
+        with (
+            FhirClient(fhir_server, token=token, timeout=settings.fhir_timeout_s) as fhir,
+            DicomWebClient(
+                settings.dicomweb_url, auth=auth, max_bytes=settings.max_image_bytes
+            ) as pacs,
+        ):
             try:
-                record = gather_patient(fhir, pacs, patient_id, limits=limits,
-                                        encounter=encounter)
+                record = gather_patient(fhir, pacs, patient_id, limits=limits, encounter=encounter)
             except FhirUnavailable as exc:
                 log.warning("hook %s: FHIR unavailable: %s", request_id, exc)
                 return [unavailable_card("the FHIR server is unavailable", model_card_url)]

@@ -152,6 +152,12 @@ def sign_hook_jwt(
     import uuid
 
     now = int(time.time())
-    claims = {"iss": issuer, "sub": "mmcds-demo", "aud": audience, "exp": now + ttl_s,
-              "iat": now, "jti": str(uuid.uuid4())}
+    claims = {
+        "iss": issuer,
+        "sub": "mmcds-demo",
+        "aud": audience,
+        "exp": now + ttl_s,
+        "iat": now,
+        "jti": str(uuid.uuid4()),
+    }
     return jwt.encode({"alg": alg, "typ": "JWT", "kid": kid}, claims, key, algorithms=[alg])

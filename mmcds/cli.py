@@ -10,14 +10,19 @@ import typer
 
 from mmcds.settings import get_settings
 
-app = typer.Typer(help="Multimodal clinical decision support over CDS Hooks, FHIR and DICOMweb.",
-                  no_args_is_help=True, add_completion=False)
+app = typer.Typer(
+    help="Multimodal clinical decision support over CDS Hooks, FHIR and DICOMweb.",
+    no_args_is_help=True,
+    add_completion=False,
+)
 
 
 @app.callback()
 def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
 
 
 @app.command()
@@ -32,13 +37,18 @@ def load(
     from mmcds.fhir.load import load_folder
 
     s = get_settings()
-    auth = (s.dicomweb_user, s.dicomweb_password) if s.dicomweb_user and s.dicomweb_password \
-        else None
-    with FhirClient(fhir_url or s.fhir_base_url, timeout=120) as fhir, \
-            DicomWebClient(dicomweb_url or s.dicomweb_url, auth=auth) as pacs:
+    auth = (
+        (s.dicomweb_user, s.dicomweb_password) if s.dicomweb_user and s.dicomweb_password else None
+    )
+    with (
+        FhirClient(fhir_url or s.fhir_base_url, timeout=120) as fhir,
+        DicomWebClient(dicomweb_url or s.dicomweb_url, auth=auth) as pacs,
+    ):
         result = load_folder(folder, fhir, pacs, progress=typer.echo)
-    typer.echo(f"loaded {result.bundles} bundle(s), {result.resources} resource(s), "
-               f"{result.dicom} DICOM file(s)")
+    typer.echo(
+        f"loaded {result.bundles} bundle(s), {result.resources} resource(s), "
+        f"{result.dicom} DICOM file(s)"
+    )
     for error in result.errors:
         typer.echo(f"error: {error}", err=True)
     if result.errors:
@@ -60,7 +70,9 @@ def serve() -> None:
 def demo(
     patients: Annotated[int, typer.Option(min=1, max=20)] = 3,
     seed: Annotated[int, typer.Option()] = 7,
-    fhir_url: Annotated[str | None, typer.Option(help="Use this FHIR server, not a sandbox")] = None,
+    fhir_url: Annotated[
+        str | None, typer.Option(help="Use this FHIR server, not a sandbox")
+    ] = None,
     dicomweb_url: Annotated[str | None, typer.Option(help="Use this PACS, not Orthanc")] = None,
 ) -> None:
     """The main job on embedded defaults: servers, data, service, hooks, cards, reports."""
@@ -80,7 +92,15 @@ def synth(
     """Write a synthetic multimodal cohort whose ground truth is known."""
     from mmcds.synth import generate_cohort
 
-    summary = generate_cohort(out, patients=patients, seed=seed,
-                              sites=tuple(s.strip() for s in sites.split(",") if s.strip()),
-                              label_noise=label_noise)
-    typer.echo(str(summary))
+    summary = generate_cohort(
+        out,
+        patients=patients,
+        seed=seed,
+        sites=tuple(s.strip() for s in sites.split(",") if s.strip()),
+        label_noise=label_noise,
+    )
+    typer.echo(
+        f"wrote {summary.patients} patients to {summary.out} in {summary.seconds:.1f} s "
+        f"({summary.patients_per_second:.1f}/s)\ncounts: {summary.counts}\n"
+        f"prevalence by site: {summary.prevalence}"
+    )

@@ -37,8 +37,9 @@ DEMO_KID = "demo-ehr-key-1"
 @contextlib.contextmanager
 def running_service(settings: Settings) -> Iterator[str]:
     """Serve the app with uvicorn in a thread; yields its base URL."""
-    config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port,
-                            log_level="warning")
+    config = uvicorn.Config(
+        create_app(settings), host=settings.host, port=settings.port, log_level="warning"
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -84,12 +85,17 @@ def run_demo(*, patients: int, seed: int, fhir_url: str | None, dicomweb_url: st
     base = get_settings()
     key = ECKey.generate_key("P-384", parameters={"kid": DEMO_KID})
     jwks = json.dumps({"keys": [key.as_dict(private=False)]})
-    with tempfile.TemporaryDirectory(prefix="mmcds-demo-") as tmp, \
-            _servers(fhir_url, dicomweb_url) as (fhir_base, dicomweb, auth):
+    with (
+        tempfile.TemporaryDirectory(prefix="mmcds-demo-") as tmp,
+        _servers(fhir_url, dicomweb_url) as (fhir_base, dicomweb, auth),
+    ):
         cohort = Path(tmp) / "cohort"
         summary = generate_cohort(cohort, patients=patients, seed=seed)
         typer.echo(f"synthetic cohort: {summary}")
-        with FhirClient(fhir_base, timeout=120) as fhir, DicomWebClient(dicomweb, auth=auth) as pacs:
+        with (
+            FhirClient(fhir_base, timeout=120) as fhir,
+            DicomWebClient(dicomweb, auth=auth) as pacs,
+        ):
             loaded = load_folder(cohort, fhir, pacs)
             typer.echo(f"loaded {loaded.bundles} bundles, {loaded.dicom} DICOM files")
             if loaded.errors:
@@ -97,25 +103,32 @@ def run_demo(*, patients: int, seed: int, fhir_url: str | None, dicomweb_url: st
             ids = [p["id"] for p in fhir.search("Patient", {"_count": "100"})]
 
         port = free_port()
-        settings = base.model_copy(update={
-            "port": port,
-            "public_base_url": f"http://127.0.0.1:{port}",
-            "fhir_allowlist": [fhir_base],
-            "fhir_base_url": fhir_base,
-            "dicomweb_url": dicomweb,
-            "dicomweb_user": auth[0] if auth else None,
-            "dicomweb_password": auth[1] if auth else None,
-            "trusted_issuers": {DEMO_ISSUER: jwks},
-        })
-        with running_service(settings) as url, httpx.Client(timeout=300) as http, \
-                FhirClient(fhir_base) as fhir:
+        settings = base.model_copy(
+            update={
+                "port": port,
+                "public_base_url": f"http://127.0.0.1:{port}",
+                "fhir_allowlist": [fhir_base],
+                "fhir_base_url": fhir_base,
+                "dicomweb_url": dicomweb,
+                "dicomweb_user": auth[0] if auth else None,
+                "dicomweb_password": auth[1] if auth else None,
+                "trusted_issuers": {DEMO_ISSUER: jwks},
+            }
+        )
+        with (
+            running_service(settings) as url,
+            httpx.Client(timeout=300) as http,
+            FhirClient(fhir_base) as fhir,
+        ):
             for patient_id in ids:
                 endpoint = f"{settings.public_base_url}/cds-services/mmcds-patient-view"
                 token = sign_hook_jwt(key, issuer=DEMO_ISSUER, audience=endpoint, kid=DEMO_KID)
                 started = time.perf_counter()
-                response = http.post(f"{url}/cds-services/mmcds-patient-view",
-                                     json=hook_request(fhir_base, patient_id),
-                                     headers={"Authorization": f"Bearer {token}"})
+                response = http.post(
+                    f"{url}/cds-services/mmcds-patient-view",
+                    json=hook_request(fhir_base, patient_id),
+                    headers={"Authorization": f"Bearer {token}"},
+                )
                 response.raise_for_status()
                 elapsed = time.perf_counter() - started
                 typer.echo(f"\n=== Patient/{patient_id} (hook answered in {elapsed:.2f} s)")
@@ -123,5 +136,7 @@ def run_demo(*, patients: int, seed: int, fhir_url: str | None, dicomweb_url: st
                     typer.echo(f"[{card['indicator']}] {card['summary']}")
                     typer.echo(card["detail"])
                 reports = fhir.search("DiagnosticReport", {"subject": f"Patient/{patient_id}"})
-                typer.echo("DiagnosticReports written back: "
-                           + ", ".join(f"DiagnosticReport/{r['id']}" for r in reports))
+                typer.echo(
+                    "DiagnosticReports written back: "
+                    + ", ".join(f"DiagnosticReport/{r['id']}" for r in reports)
+                )

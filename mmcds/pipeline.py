@@ -196,8 +196,7 @@ def untrained_fusion(
     cnn: ImageEncoder, vit: ImageEncoder, text: TextEncoder, labs: LabEncoder
 ) -> FusionModel:
     """A randomly initialised (seeded) fusion model wired to these encoders' widths."""
-    probe = np.zeros((32, 32), np.float32)
-    image_dim = cnn.embed([probe]).shape[1] + vit.embed([probe]).shape[1]
+    image_dim = cnn.dim + vit.dim
     config = FusionConfig(
         input_dims={"image": image_dim, "text": text.dim, "labs": labs.token_dim},
         encoder_ids={

@@ -69,11 +69,13 @@ def call_hook(
     app = create_app(_settings(ehr_key, [fhir_url, dead_fhir], dicomweb), pipeline)
     with TestClient(app) as client:
 
-        def call(body: dict[str, Any], *, service: str = "mmcds-patient-view",
-                 token: str | None = None) -> Any:
+        def call(
+            body: dict[str, Any], *, service: str = "mmcds-patient-view", token: str | None = None
+        ) -> Any:
             token = token or sign_hook_jwt(ehr_key, issuer=ISSUER, audience=ENDPOINT, kid=KID)
-            return client.post(f"/cds-services/{service}", json=body,
-                               headers={"Authorization": f"Bearer {token}"})
+            return client.post(
+                f"/cds-services/{service}", json=body, headers={"Authorization": f"Bearer {token}"}
+            )
 
         call.dead_fhir = dead_fhir  # type: ignore[attr-defined]
         call.client = client  # type: ignore[attr-defined]
@@ -84,20 +86,29 @@ def _request(fhir_url: str, patient_id: str | None) -> dict[str, Any]:
     context: dict[str, Any] = {"userId": "Practitioner/test"}
     if patient_id is not None:
         context["patientId"] = patient_id
-    return {"hookInstance": "d1577c69-dfbe-44ad-ba6d-3e05e953b2ea", "hook": "patient-view",
-            "fhirServer": fhir_url, "context": context}
+    return {
+        "hookInstance": "d1577c69-dfbe-44ad-ba6d-3e05e953b2ea",
+        "hook": "patient-view",
+        "fhirServer": fhir_url,
+        "context": context,
+    }
 
 
 def _load(folder: Path, fhir_url: str, pacs: Any) -> list[str]:
-    with FhirClient(fhir_url, timeout=120) as fhir, \
-            DicomWebClient(pacs.dicomweb_url, auth=pacs.auth) as dicom:
+    with (
+        FhirClient(fhir_url, timeout=120) as fhir,
+        DicomWebClient(pacs.dicomweb_url, auth=pacs.auth) as dicom,
+    ):
         result = load_folder(folder, fhir, dicom)
         assert not result.errors, result.errors
         return [p["id"] for p in fhir.search("Patient", {"_count": "50"})]
 
 
 def test_hook_writes_back_a_report_with_the_run_values(
-    call_hook: Callable[..., Any], cohort: Path, fhir_url: str, dicomweb: Any,
+    call_hook: Callable[..., Any],
+    cohort: Path,
+    fhir_url: str,
+    dicomweb: Any,
     pipeline: Pipeline,
 ) -> None:
     patient_id = _load(cohort, fhir_url, dicomweb)[0]
@@ -109,8 +120,10 @@ def test_hook_writes_back_a_report_with_the_run_values(
     assert "UNTRAINED" in card["summary"] and len(card["summary"]) < 140
     assert card["indicator"] == "info"  # an untrained model never raises an alarm
     assert "1 image(s)" in card["detail"]
-    with FhirClient(fhir_url) as fhir, DicomWebClient(dicomweb.dicomweb_url,
-                                                       auth=dicomweb.auth) as pacs:
+    with (
+        FhirClient(fhir_url) as fhir,
+        DicomWebClient(dicomweb.dicomweb_url, auth=dicomweb.auth) as pacs,
+    ):
         (report,) = fhir.search("DiagnosticReport", {"subject": f"Patient/{patient_id}"})
         assert report["status"] == "preliminary"
         assert report["subject"]["reference"] == f"Patient/{patient_id}"
@@ -125,8 +138,7 @@ def test_hook_writes_back_a_report_with_the_run_values(
     from mmcds.findings import BY_NAME
 
     assert written == {
-        BY_NAME[f.finding].snomed: pytest.approx(f.probability, abs=1e-4)
-        for f in expected.findings
+        BY_NAME[f.finding].snomed: pytest.approx(f.probability, abs=1e-4) for f in expected.findings
     }
     assert set(expected.modalities_used) == {"image", "text", "labs"}
 
@@ -143,7 +155,10 @@ def test_same_analysis_twice_writes_one_report(
 
 
 def test_synthea_patient_with_study_but_no_pixels(
-    call_hook: Callable[..., Any], shared_data: Path, fhir_url: str, dicomweb: Any,
+    call_hook: Callable[..., Any],
+    shared_data: Path,
+    fhir_url: str,
+    dicomweb: Any,
     tmp_path: Path,
 ) -> None:
     source = next((shared_data / "synthea-r4").glob("Louis_Erdman_*.json"))
@@ -158,8 +173,9 @@ def test_synthea_patient_with_study_but_no_pixels(
     assert "unavailable" in card["detail"] and "image" in card["detail"]
 
 
-def test_bad_requests_get_clear_errors(call_hook: Callable[..., Any], fhir_url: str,
-                                       ehr_key: ECKey) -> None:
+def test_bad_requests_get_clear_errors(
+    call_hook: Callable[..., Any], fhir_url: str, ehr_key: ECKey
+) -> None:
     missing = call_hook(_request(fhir_url, None))
     assert missing.status_code == 400
     assert "context.patientId" in missing.json()["error"]
@@ -173,13 +189,15 @@ def test_bad_requests_get_clear_errors(call_hook: Callable[..., Any], fhir_url: 
     wrong_aud = sign_hook_jwt(ehr_key, issuer=ISSUER, audience=f"{BASE}/other", kid=KID)
     assert call_hook(_request(fhir_url, "x"), token=wrong_aud).status_code == 401
     anonymous = call_hook.client.post(  # type: ignore[attr-defined]
-        "/cds-services/mmcds-patient-view", json=_request(fhir_url, "x"))
+        "/cds-services/mmcds-patient-view", json=_request(fhir_url, "x")
+    )
     assert anonymous.status_code == 401
     assert anonymous.json() == {}
 
 
-def test_replayed_token_is_refused(call_hook: Callable[..., Any], fhir_url: str,
-                                   ehr_key: ECKey) -> None:
+def test_replayed_token_is_refused(
+    call_hook: Callable[..., Any], fhir_url: str, ehr_key: ECKey
+) -> None:
     token = sign_hook_jwt(ehr_key, issuer=ISSUER, audience=ENDPOINT, kid=KID)
     first = call_hook(_request(fhir_url, None), token=token)
     assert first.status_code == 400  # accepted, then refused for the missing patient

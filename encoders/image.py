@@ -1,0 +1,357 @@
+"""Image encoders: a CNN and a ViT backbone through transformers Auto classes.
+
+Pixels arrive as the record stage leaves them: float32 (H, W) in [0, 1], bright = dense, any
+aspect ratio. Preprocessing is the checkpoint's own image processor; the embedding is the
+backbone's pooled output (CNN: ``pooler_output``, the global average of the last feature map;
+ViT: the CLS token of the final, layer-normed hidden state -- the token ViT's classification
+head and DINO-style pretraining train to summarise the image; ``pooling="mean"`` averages the
+patch tokens instead, better for MAE-style checkpoints whose CLS token was never trained).
+
+``feature_maps`` keeps what Grad-CAM (CNN: last conv map) and attention rollout (ViT: patch
+tokens + per-layer attentions) need, with the autograd graph when asked.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from mmcds.encoders.checkpoint import (
+    CheckpointError,
+    load_strict,
+    model_id_for,
+    resolve_checkpoint,
+    select_device,
+    torch_dtype,
+    weight_files,
+)
+from transformers import (
+    AutoImageProcessor,
+    PreTrainedModel,
+    ResNetConfig,
+    ResNetModel,
+    ViTConfig,
+    ViTModel,
+)
+
+from mmcds.records import ImageInput, ModalityEncoding, content_hash
+
+__all__ = [
+    "CheckpointError",
+    "FeatureMaps",
+    "ImageEncoder",
+    "build_tiny_cnn",
+    "build_tiny_vit",
+    "select_device",
+]
+
+ImageKind = Literal["cnn", "vit"]
+Pooling = Literal["cls", "mean"]
+Backend = Literal["torch", "onnx"]
+
+# Backbones whose outputs this module knows how to pool and explain. CNNs: 4-D last_hidden_state
+# and a pooler_output; ViTs: a CLS token first in last_hidden_state.
+CNN_TYPES = frozenset({"resnet", "convnext", "convnextv2", "regnet", "bit"})
+VIT_TYPES = frozenset({"vit", "deit", "dinov2"})
+
+
+@dataclass
+class FeatureMaps:
+    """What an explainer needs from one forward pass (tensors on the encoder's device)."""
+
+    kind: ImageKind
+    pixel_values: torch.Tensor  # (B, 3, H, W) as fed to the model; requires_grad when grad=True
+    embedding: torch.Tensor  # (B, dim), computed from the maps below (graph kept when grad=True)
+    feature_map: torch.Tensor | None = None  # CNN: last conv feature map (B, C, h, w)
+    tokens: torch.Tensor | None = None  # ViT: final hidden states (B, 1 + h*w, D), CLS first
+    attentions: tuple[torch.Tensor, ...] | None = None  # ViT: per layer (B, heads, N, N)
+    grid: tuple[int, int] | None = None  # ViT: patch grid (h, w)
+
+
+class _Embedder(torch.nn.Module):
+    """Backbone + pooling as one module: the eager path runs it and the ONNX export traces it,
+    so both paths compute exactly the same function."""
+
+    def __init__(self, backbone: PreTrainedModel, kind: ImageKind, pooling: Pooling) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.kind = kind
+        self.pooling = pooling
+
+    def pool(self, out: Any) -> torch.Tensor:
+        if self.kind == "cnn":
+            return out.pooler_output.flatten(1)
+        hidden = out.last_hidden_state
+        return hidden[:, 0] if self.pooling == "cls" else hidden[:, 1:].mean(dim=1)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.backbone(pixel_values=pixel_values))
+
+
+class ImageEncoder:
+    """Embeds images with one checkpoint; see the module docstring for the choices made."""
+
+    def __init__(
+        self,
+        *,
+        model: PreTrainedModel,
+        processor: Any,
+        model_id: str,
+        kind: ImageKind,
+        folder: Path,
+        device: torch.device,
+        dtype: torch.dtype,
+        batch_size: int,
+        pooling: Pooling,
+        backend: Backend,
+        onnx_threads: int | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        self.model = model
+        self.processor = processor
+        self.model_id = model_id
+        self.kind: ImageKind = kind
+        self.folder = folder
+        self.device = device
+        self.dtype = dtype
+        self.batch_size = batch_size
+        self.pooling: Pooling = pooling
+        self.backend: Backend = backend
+        self.embedder = _Embedder(model, kind, pooling).eval()
+        self._attn_lock = threading.Lock()
+        # channels_last was measured (benchmarks/encoders.py, ResNet-50, torch 2.13 CPU): ~10%
+        # slower at batch 1 and 4x slower at batch 8 than NCHW, so the default layout stays.
+        self._ort = None
+        if backend == "onnx":
+            from mmcds.encoders.onnx import load_or_export, onnx_cache_path
+
+            example = self.preprocess([np.zeros((32, 32), np.float32)])
+            size = "x".join(str(s) for s in example.shape[-2:])
+            path = onnx_cache_path(folder, model_id, f"{pooling}.{size}")
+            self._ort = load_or_export(self.embedder, example, path, threads=onnx_threads)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str,
+        *,
+        device: str | None = None,
+        dtype: str | None = None,
+        batch_size: int = 8,
+        backend: Backend = "torch",
+        pooling: Pooling = "cls",
+        onnx_threads: int | None = None,
+    ) -> ImageEncoder:
+        """Load a CNN or ViT checkpoint (hub id or local folder, safetensors only, every key
+        matched). ``backend="onnx"`` runs inference in ONNX Runtime on the CPU (exported once,
+        cached next to the checkpoint); ``feature_maps`` always runs in PyTorch."""
+        folder = resolve_checkpoint(name_or_path)
+        files = weight_files(folder)
+        full, config = load_strict(folder)
+        model_type = config.model_type
+        if model_type in CNN_TYPES:
+            kind: ImageKind = "cnn"
+        elif model_type in VIT_TYPES:
+            kind = "vit"
+        else:
+            raise CheckpointError(
+                f"{name_or_path}: model_type {model_type!r} is not a supported image backbone "
+                f"(CNN: {sorted(CNN_TYPES)}; ViT: {sorted(VIT_TYPES)})"
+            )
+        if backend == "onnx":
+            if device not in (None, "cpu"):
+                raise ValueError("backend='onnx' runs on the CPU; use backend='torch' for GPUs")
+            dev = torch.device("cpu")
+        else:
+            dev = select_device(device)
+        dt = torch_dtype(dtype, dev)
+        if backend == "onnx" and dt != torch.float32:
+            raise ValueError("backend='onnx' exports a float32 graph; leave dtype unset")
+        # A classification checkpoint was loaded with its head so every key matched; the
+        # embedding is the body's output.
+        backbone = full.base_model.to(device=dev, dtype=dt)
+        processor = AutoImageProcessor.from_pretrained(folder)
+        return cls(
+            model=backbone,
+            processor=processor,
+            model_id=model_id_for(name_or_path, files),
+            kind=kind,
+            folder=folder,
+            device=dev,
+            dtype=dt,
+            batch_size=batch_size,
+            pooling=pooling,
+            backend=backend,
+            onnx_threads=onnx_threads,
+        )
+
+    @property
+    def dim(self) -> int:
+        config = self.model.config
+        sizes = getattr(config, "hidden_sizes", None)
+        return int(sizes[-1]) if self.kind == "cnn" and sizes else int(config.hidden_size)
+
+    # -- preprocessing --------------------------------------------------------------------
+
+    def _processor_input(self, pixels: np.ndarray) -> np.ndarray:
+        arr = np.asarray(pixels)
+        if arr.ndim == 3 and arr.shape[-1] == 1:
+            arr = arr[..., 0]
+        if arr.ndim != 2:
+            raise ValueError(f"expected a grey image of shape (H, W), got {arr.shape}")
+        arr = arr.astype(np.float32, copy=False)
+        if not np.isfinite(arr).all() or arr.min() < 0.0 or arr.max() > 1.0:
+            raise ValueError("pixels must be finite and in [0, 1] (see ImageInput.pixels)")
+        rgb = np.repeat(arr[:, :, None], 3, axis=2)  # grey -> the 3 channels the stem expects
+        if getattr(self.processor, "do_rescale", False):
+            # The processor rescales itself (by 1/255 for every HF vision checkpoint we know):
+            # hand it what it was built for, an 8-bit image, instead of rescaling twice. Its PIL
+            # resize quantises to 8 bits anyway, so nothing is lost here.
+            return np.rint(rgb * 255.0).astype(np.uint8)
+        return rgb
+
+    def preprocess(self, pixels: Sequence[np.ndarray]) -> torch.Tensor:
+        """(B, 3, H, W) float32 on the CPU, from the checkpoint's image processor."""
+        batch = [self._processor_input(p) for p in pixels]
+        out = self.processor(images=batch, return_tensors="pt", input_data_format="channels_last")
+        values = out["pixel_values"]
+        if isinstance(values, list):  # processors that do not resize return ragged lists
+            raise ValueError("the image processor does not resize to a fixed size")
+        return values.float()
+
+    # -- inference ------------------------------------------------------------------------
+
+    def _to_model(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return pixel_values.to(device=self.device, dtype=self.dtype)
+
+    def embed_preprocessed(self, pixel_values: torch.Tensor) -> np.ndarray:
+        """(B, dim) float32 from ``preprocess`` output, on the chosen backend (no batching)."""
+        if self._ort is not None:
+            return self._ort(pixel_values.numpy())
+        with torch.inference_mode():
+            emb = self.embedder(self._to_model(pixel_values))
+        return emb.float().cpu().numpy()
+
+    def embed(self, pixels: Sequence[np.ndarray]) -> np.ndarray:
+        """(n, dim) float32, in batches of at most ``batch_size`` images."""
+        chunks = [
+            self.embed_preprocessed(self.preprocess(pixels[i : i + self.batch_size]))
+            for i in range(0, len(pixels), self.batch_size)
+        ]
+        if not chunks:
+            return np.zeros((0, self.dim), np.float32)
+        return np.ascontiguousarray(np.concatenate(chunks), dtype=np.float32)
+
+    def encode(self, images: Sequence[ImageInput]) -> ModalityEncoding:
+        """One token per image, tied to its SOP UID and content hash (the cache key)."""
+        tokens = self.embed([im.pixels for im in images])
+        return ModalityEncoding(
+            modality="image",
+            tokens=tokens,
+            spans=[im.sop_uid for im in images],
+            model_id=self.model_id,
+            input_hashes=[im.content_hash or _pixels_hash(im.pixels) for im in images],
+        )
+
+    # -- for explanations -----------------------------------------------------------------
+
+    def feature_maps(self, pixels: Sequence[np.ndarray], *, grad: bool = False) -> FeatureMaps:
+        """One PyTorch forward pass keeping the maps explanations need. With ``grad=True`` the
+        input requires grad so the graph from ``pixel_values`` through the maps to ``embedding``
+        is kept (Grad-CAM differentiates a score w.r.t. ``feature_map``); otherwise it runs
+        under inference mode. Batch as you like: it is not split."""
+        pixel_values = self._to_model(self.preprocess(pixels))
+        if self.kind == "cnn":
+            with _grad_mode(grad):
+                if grad:
+                    pixel_values.requires_grad_(True)
+                out = self.model(pixel_values=pixel_values)
+                return FeatureMaps(
+                    kind="cnn",
+                    pixel_values=pixel_values,
+                    embedding=self.embedder.pool(out),
+                    feature_map=out.last_hidden_state,
+                )
+        patch = self.model.config.patch_size
+        grid = (pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch)
+        # SDPA kernels do not return attention weights; switch to eager attention for this pass.
+        with self._attn_lock, _grad_mode(grad):
+            if grad:
+                pixel_values.requires_grad_(True)
+            previous = self.model.config._attn_implementation
+            self.model.set_attn_implementation("eager")
+            try:
+                out = self.model(pixel_values=pixel_values, output_attentions=True)
+            finally:
+                self.model.set_attn_implementation(previous)
+        return FeatureMaps(
+            kind="vit",
+            pixel_values=pixel_values,
+            embedding=self.embedder.pool(out),
+            tokens=out.last_hidden_state,
+            attentions=tuple(out.attentions),
+            grid=grid,
+        )
+
+
+def _grad_mode(grad: bool) -> Any:
+    return torch.enable_grad() if grad else torch.inference_mode()
+
+
+def _pixels_hash(pixels: np.ndarray) -> str:
+    arr = np.ascontiguousarray(pixels)
+    return content_hash(f"{arr.dtype}{arr.shape}".encode() + arr.tobytes())
+
+
+# -- tiny checkpoints for tests and the demo (random init; no hub here) -------------------
+
+
+def _save_processor(processor: Any, path: Path) -> None:
+    processor.save_pretrained(path)
+
+
+def build_tiny_cnn(path: Path, *, seed: int = 0, image_size: int = 224) -> Path:
+    """A 4-stage ResNet a few kB in size, random weights, with a ResNet-style processor
+    (shortest edge -> image_size / 0.875, centre crop image_size, ImageNet mean/std)."""
+    from transformers.models.convnext import ConvNextImageProcessorPil
+
+    torch.manual_seed(seed)
+    config = ResNetConfig(
+        embedding_size=8, hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1], layer_type="basic"
+    )
+    ResNetModel(config).save_pretrained(path)
+    _save_processor(
+        ConvNextImageProcessorPil(
+            size={"shortest_edge": image_size},
+            crop_pct=0.875,
+            image_mean=[0.485, 0.456, 0.406],
+            image_std=[0.229, 0.224, 0.225],
+        ),
+        path,
+    )
+    return path
+
+
+def build_tiny_vit(path: Path, *, seed: int = 0, image_size: int = 224) -> Path:
+    """A 2-layer ViT (hidden 32, patch 16), random weights, with ViT's processor (resize to
+    image_size square, mean/std 0.5)."""
+    from transformers.models.vit import ViTImageProcessorPil
+
+    torch.manual_seed(seed)
+    config = ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=image_size,
+        patch_size=16,
+    )
+    ViTModel(config).save_pretrained(path)
+    _save_processor(ViTImageProcessorPil(size={"height": image_size, "width": image_size}), path)
+    return path
