@@ -11,6 +11,8 @@ import json
 import logging
 import threading
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
@@ -23,9 +25,12 @@ from mmcds.cards import analysis_card, unavailable_card
 from mmcds.fhir.client import FhirClient, FhirError, FhirUnavailable
 from mmcds.fhir.dicomweb import DicomWebClient
 from mmcds.fhir.gather import Limits, gather_patient
-from mmcds.fhir.report import report_bundle, written_report_id
+from mmcds.fhir.report import report_bundle
+from mmcds.fhir.writeback import send_bundle
 from mmcds.fusion.model import default_card
+from mmcds.outbox import Outbox, OutboxWorker
 from mmcds.pipeline import Pipeline
+from mmcds.records import content_hash
 from mmcds.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -66,7 +71,22 @@ def _error(status: int, message: str) -> JSONResponse:
 
 def create_app(settings: Settings, pipeline: Pipeline | None = None) -> FastAPI:
     """The service. ``pipeline`` is built from settings on first use when not given."""
-    app = FastAPI(title="mmcds", version="0.1.0")
+    outbox = Outbox(settings.database_url)
+
+    def send(fhir_server: str, bundle: dict[str, Any]) -> str | None:
+        return send_bundle(fhir_server, bundle, timeout_s=settings.fhir_timeout_s)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        worker = OutboxWorker(outbox, send, settings.outbox_interval_s)
+        worker.start()
+        try:
+            yield
+        finally:
+            worker.stop()
+
+    app = FastAPI(title="mmcds", version="0.1.0", lifespan=lifespan)
+    app.state.outbox = outbox
     verifier = JwtVerifier(settings.trusted_issuers)
     allowlist = {u.rstrip("/") for u in settings.fhir_allowlist}
     state: dict[str, Pipeline] = {}
@@ -178,17 +198,19 @@ def create_app(settings: Settings, pipeline: Pipeline | None = None) -> FastAPI:
             with analysis_lock:
                 analysis = get_pipeline().analyse(record)
             card = analysis_card(analysis, model_card_url)
-            # Write-back to the EHR's FHIR server. Until the durable outbox lands (deferred
-            # issue), a failed write-back is logged and said on the card, not retried later.
-            try:
-                response = fhir.transaction(report_bundle(analysis))
-                report_id = written_report_id(response)
-                log.info("hook %s wrote DiagnosticReport/%s", request_id, report_id)
-                if report_id:
-                    card["detail"] += f"\n\nWritten back as DiagnosticReport/{report_id}."
-            except FhirError as exc:
-                log.error("hook %s: write-back failed: %s", request_id, exc)
-                card["detail"] += "\n\nThe report could not be written back to the EHR."
+            # Stored before it is sent: a server that is down now gets it on a later retry.
+            key = content_hash(f"{fhir_server}|{analysis.identifier}")
+            outbox.enqueue(key, fhir_server, report_bundle(analysis))
+            outbox.deliver(send, key=key)
+            delivery = outbox.get(key)
+            if delivery is not None and delivery.status == "delivered":
+                log.info("hook %s wrote DiagnosticReport/%s", request_id, delivery.report_id)
+                card["detail"] += f"\n\nWritten back as DiagnosticReport/{delivery.report_id}."
+            else:
+                card["detail"] += (
+                    "\n\nThe report could not be written back to the EHR yet; "
+                    "it is queued and will be retried."
+                )
             return [card]
 
     return app

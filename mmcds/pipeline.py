@@ -44,8 +44,8 @@ class Analysis:
 
     @property
     def identifier(self) -> str:
-        """Deterministic id of (model versions, inputs): makes write-back idempotent."""
-        parts = [self.assessment.model_id, self.assessment.model_version]
+        """Deterministic id of (patient, model versions, inputs): makes write-back idempotent."""
+        parts = [self.record.patient.id, self.assessment.model_id, self.assessment.model_version]
         for enc in self.encodings.by_modality.values():
             parts += [enc.model_id, *enc.input_hashes]
         return content_hash("|".join(parts))[:32]

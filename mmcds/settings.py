@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     # Embedding cache; PostgreSQL in production, e.g. postgresql+psycopg://user@host/db
     database_url: str = f"sqlite:///{REPO_ROOT / 'var' / 'mmcds.db'}"
 
+    # Seconds between retries of undelivered write-backs (the backoff per report grows from 2 s).
+    outbox_interval_s: float = 5.0
+
     # Input bounds: reject with a clear error beyond these.
     max_request_bytes: int = 1_000_000
     max_note_chars: int = 200_000

@@ -18,8 +18,6 @@ import json
 import logging
 import zlib
 from collections.abc import Iterable, Sequence
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 from sqlalchemy import (
@@ -31,27 +29,22 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
-    create_engine,
     delete,
-    event,
     func,
-    inspect,
     select,
-    text,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
-from sqlalchemy.pool import StaticPool
+from sqlalchemy.exc import IntegrityError
+
+from mmcds.db import DatabaseError, create_tables, make_engine
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TABLE = "mmcds_embeddings"
-SQLITE_BUSY_TIMEOUT_MS = 30_000
 _CHUNK = 500  # keys per SELECT: well under SQLite's and PostgreSQL's parameter limits
 
 
-class CacheError(RuntimeError):
+class CacheError(DatabaseError):
     """The cache cannot be opened or used (bad URL, unreachable server, unsupported array)."""
 
 
@@ -67,15 +60,6 @@ def _table(metadata: MetaData, name: str) -> Table:
         Column("data", LargeBinary, nullable=False),
         Column("created_at", DateTime(timezone=True), server_default=func.now(), nullable=False),
     )
-
-
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-    cur = dbapi_conn.cursor()
-    # busy_timeout first: switching to WAL itself needs a lock another process may hold
-    cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL is durable across app crashes
-    cur.close()
 
 
 def encode_array(array: np.ndarray) -> tuple[str, str, bytes]:
@@ -97,49 +81,12 @@ class EmbeddingCache:
 
     def __init__(self, url: str, *, table: str = DEFAULT_TABLE) -> None:
         try:
-            parsed = make_url(url)
-        except Exception as exc:
-            raise CacheError(f"bad database URL for the embedding cache: {exc}") from exc
-        self.dialect = parsed.get_backend_name()
-        kwargs: dict[str, Any] = {"future": True}
-        if self.dialect == "sqlite":
-            database = parsed.database or ""
-            if database and database != ":memory:" and not database.startswith("file:"):
-                Path(database).parent.mkdir(parents=True, exist_ok=True)
-            kwargs["connect_args"] = {
-                "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000,
-                "check_same_thread": False,
-            }
-            if database in ("", ":memory:"):
-                kwargs["poolclass"] = StaticPool  # one shared connection, or each sees no table
-        else:
-            kwargs["pool_pre_ping"] = True  # a restarted PostgreSQL must not break the service
-        self.engine: Engine = create_engine(url, **kwargs)
-        if self.dialect == "sqlite":
-            event.listen(self.engine, "connect", _sqlite_pragmas)
-        self.table = _table(MetaData(), table)
-        try:
-            self._create()
-        except OperationalError as exc:
-            raise CacheError(
-                f"cannot open the embedding cache at {parsed.render_as_string(hide_password=True)}"
-                f": {exc.orig}. Check MMCDS_DATABASE_URL and that the server is running."
-            ) from exc
-
-    def _create(self) -> None:
-        with self.engine.begin() as conn:
-            if self.dialect == "postgresql":
-                # Concurrent CREATE TABLE IF NOT EXISTS can still collide in pg_type; a
-                # transaction-scoped advisory lock serialises the first start-ups.
-                key = zlib.crc32(f"mmcds-cache:{self.table.name}".encode())
-                conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
-            try:
-                self.table.create(conn, checkfirst=True)
-            except (OperationalError, ProgrammingError, IntegrityError):
-                # Another process created it between our check and our CREATE (SQLite has no
-                # advisory lock); anything else is re-raised by the check below.
-                if not inspect(conn).has_table(self.table.name):
-                    raise
+            self.engine: Engine = make_engine(url, purpose="embedding cache")
+            self.dialect = self.engine.dialect.name
+            self.table = _table(MetaData(), table)
+            create_tables(self.engine, self.table, purpose="embedding cache")
+        except DatabaseError as exc:
+            raise CacheError(str(exc)) from exc
 
     def close(self) -> None:
         self.engine.dispose()

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,7 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def _settings(ehr_key: ECKey, fhir_urls: list[str], pacs: Any) -> Settings:
+def _settings(ehr_key: ECKey, fhir_urls: list[str], pacs: Any, database: Path) -> Settings:
     jwks = json.dumps({"keys": [ehr_key.as_dict(private=False)]})
     user, password = pacs.auth
     return Settings(
@@ -58,28 +59,35 @@ def _settings(ehr_key: ECKey, fhir_urls: list[str], pacs: Any) -> Settings:
         dicomweb_user=user,
         dicomweb_password=password,
         trusted_issuers={ISSUER: jwks},
+        database_url=f"sqlite:///{database}",
     )
+
+
+@dataclass
+class HookCaller:
+    """An EHR's side of the conversation: signs a JWT and posts a hook request."""
+
+    client: TestClient
+    key: ECKey
+    dead_fhir: str  # an allow-listed FHIR URL where nothing listens
+
+    def __call__(
+        self, body: dict[str, Any], *, service: str = "mmcds-patient-view", token: str | None = None
+    ) -> Any:
+        token = token or sign_hook_jwt(self.key, issuer=ISSUER, audience=ENDPOINT, kid=KID)
+        return self.client.post(
+            f"/cds-services/{service}", json=body, headers={"Authorization": f"Bearer {token}"}
+        )
 
 
 @pytest.fixture
 def call_hook(
-    ehr_key: ECKey, pipeline: Pipeline, fhir_url: str, dicomweb: Any
-) -> Iterator[Callable[..., Any]]:
-    dead_fhir = f"http://127.0.0.1:{free_port()}/fhir/R4"  # nothing listens there
-    app = create_app(_settings(ehr_key, [fhir_url, dead_fhir], dicomweb), pipeline)
-    with TestClient(app) as client:
-
-        def call(
-            body: dict[str, Any], *, service: str = "mmcds-patient-view", token: str | None = None
-        ) -> Any:
-            token = token or sign_hook_jwt(ehr_key, issuer=ISSUER, audience=ENDPOINT, kid=KID)
-            return client.post(
-                f"/cds-services/{service}", json=body, headers={"Authorization": f"Bearer {token}"}
-            )
-
-        call.dead_fhir = dead_fhir  # type: ignore[attr-defined]
-        call.client = client  # type: ignore[attr-defined]
-        yield call
+    ehr_key: ECKey, pipeline: Pipeline, fhir_url: str, dicomweb: Any, tmp_path: Path
+) -> Iterator[HookCaller]:
+    dead_fhir = f"http://127.0.0.1:{free_port()}/fhir/R4"
+    settings = _settings(ehr_key, [fhir_url, dead_fhir], dicomweb, tmp_path / "service.db")
+    with TestClient(create_app(settings, pipeline)) as client:
+        yield HookCaller(client, ehr_key, dead_fhir)
 
 
 def _request(fhir_url: str, patient_id: str | None) -> dict[str, Any]:
@@ -105,7 +113,7 @@ def _load(folder: Path, fhir_url: str, pacs: Any) -> list[str]:
 
 
 def test_hook_writes_back_a_report_with_the_run_values(
-    call_hook: Callable[..., Any],
+    call_hook: HookCaller,
     cohort: Path,
     fhir_url: str,
     dicomweb: Any,
@@ -144,7 +152,7 @@ def test_hook_writes_back_a_report_with_the_run_values(
 
 
 def test_same_analysis_twice_writes_one_report(
-    call_hook: Callable[..., Any], cohort: Path, fhir_url: str, dicomweb: Any
+    call_hook: HookCaller, cohort: Path, fhir_url: str, dicomweb: Any
 ) -> None:
     patient_id = _load(cohort, fhir_url, dicomweb)[0]
     for _ in range(2):
@@ -155,7 +163,7 @@ def test_same_analysis_twice_writes_one_report(
 
 
 def test_synthea_patient_with_study_but_no_pixels(
-    call_hook: Callable[..., Any],
+    call_hook: HookCaller,
     shared_data: Path,
     fhir_url: str,
     dicomweb: Any,
@@ -174,7 +182,7 @@ def test_synthea_patient_with_study_but_no_pixels(
 
 
 def test_bad_requests_get_clear_errors(
-    call_hook: Callable[..., Any], fhir_url: str, ehr_key: ECKey
+    call_hook: HookCaller, fhir_url: str, ehr_key: ECKey
 ) -> None:
     missing = call_hook(_request(fhir_url, None))
     assert missing.status_code == 400
@@ -188,16 +196,14 @@ def test_bad_requests_get_clear_errors(
 
     wrong_aud = sign_hook_jwt(ehr_key, issuer=ISSUER, audience=f"{BASE}/other", kid=KID)
     assert call_hook(_request(fhir_url, "x"), token=wrong_aud).status_code == 401
-    anonymous = call_hook.client.post(  # type: ignore[attr-defined]
+    anonymous = call_hook.client.post(
         "/cds-services/mmcds-patient-view", json=_request(fhir_url, "x")
     )
     assert anonymous.status_code == 401
     assert anonymous.json() == {}
 
 
-def test_replayed_token_is_refused(
-    call_hook: Callable[..., Any], fhir_url: str, ehr_key: ECKey
-) -> None:
+def test_replayed_token_is_refused(call_hook: HookCaller, fhir_url: str, ehr_key: ECKey) -> None:
     token = sign_hook_jwt(ehr_key, issuer=ISSUER, audience=ENDPOINT, kid=KID)
     first = call_hook(_request(fhir_url, None), token=token)
     assert first.status_code == 400  # accepted, then refused for the missing patient
@@ -205,9 +211,9 @@ def test_replayed_token_is_refused(
 
 
 def test_fhir_server_down_gives_a_degraded_card_and_service_keeps_serving(
-    call_hook: Callable[..., Any], cohort: Path, fhir_url: str, dicomweb: Any
+    call_hook: HookCaller, cohort: Path, fhir_url: str, dicomweb: Any
 ) -> None:
-    down = call_hook(_request(call_hook.dead_fhir, "anyone"))  # type: ignore[attr-defined]
+    down = call_hook(_request(call_hook.dead_fhir, "anyone"))
     assert down.status_code == 200
     (card,) = down.json()["cards"]
     assert "unavailable" in card["summary"]
@@ -216,6 +222,6 @@ def test_fhir_server_down_gives_a_degraded_card_and_service_keeps_serving(
     assert call_hook(_request(fhir_url, patient_id)).status_code == 200
 
 
-def test_discovery_lists_the_patient_view_service(call_hook: Callable[..., Any]) -> None:
-    services = call_hook.client.get("/cds-services").json()["services"]  # type: ignore[attr-defined]
+def test_discovery_lists_the_patient_view_service(call_hook: HookCaller) -> None:
+    services = call_hook.client.get("/cds-services").json()["services"]
     assert {"id": "mmcds-patient-view", "hook": "patient-view"}.items() <= services[0].items()

@@ -1,0 +1,81 @@
+"""The service's database: one SQLAlchemy engine setup shared by the cache, outbox and stores.
+
+SQLite in a local file by default (WAL + busy timeout, so readers do not block the writer and
+writers queue instead of failing with "database is locked"); PostgreSQL in production.
+"""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, Table, create_engine, event, inspect, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+from sqlalchemy.pool import StaticPool
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+class DatabaseError(RuntimeError):
+    """The database cannot be opened or used (bad URL, unreachable server)."""
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    # busy_timeout first: switching to WAL itself needs a lock another process may hold
+    cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL is durable across app crashes
+    cur.close()
+
+
+def make_engine(url: str, *, purpose: str) -> Engine:
+    """An engine for ``url``; ``purpose`` names the user in error messages."""
+    try:
+        parsed = make_url(url)
+    except Exception as exc:
+        raise DatabaseError(f"bad database URL for the {purpose}: {exc}") from exc
+    kwargs: dict[str, Any] = {"future": True}
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database or ""
+        if database and database != ":memory:" and not database.startswith("file:"):
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        kwargs["connect_args"] = {
+            "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000,
+            "check_same_thread": False,
+        }
+        if database in ("", ":memory:"):
+            kwargs["poolclass"] = StaticPool  # one shared connection, or each sees no table
+    else:
+        kwargs["pool_pre_ping"] = True  # a restarted PostgreSQL must not break the service
+    engine = create_engine(url, **kwargs)
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+def create_tables(engine: Engine, *tables: Table, purpose: str) -> None:
+    """Create missing tables; safe when several processes start at once."""
+    try:
+        with engine.begin() as conn:
+            if engine.dialect.name == "postgresql":
+                # Concurrent CREATE TABLE IF NOT EXISTS can still collide in pg_type; a
+                # transaction-scoped advisory lock serialises the first start-ups.
+                key = zlib.crc32(f"mmcds:{','.join(t.name for t in tables)}".encode())
+                conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
+            for table in tables:
+                try:
+                    table.create(conn, checkfirst=True)
+                except (OperationalError, ProgrammingError, IntegrityError):
+                    # Another process created it between our check and our CREATE (SQLite has
+                    # no advisory lock); anything else is re-raised by the check below.
+                    if not inspect(conn).has_table(table.name):
+                        raise
+    except OperationalError as exc:
+        where = engine.url.render_as_string(hide_password=True)
+        raise DatabaseError(
+            f"cannot open the {purpose} at {where}: {exc.orig}. "
+            "Check MMCDS_DATABASE_URL and that the server is running."
+        ) from exc
