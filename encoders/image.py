@@ -21,15 +21,6 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from mmcds.encoders.checkpoint import (
-    CheckpointError,
-    load_strict,
-    model_id_for,
-    resolve_checkpoint,
-    select_device,
-    torch_dtype,
-    weight_files,
-)
 from transformers import (
     AutoImageProcessor,
     PreTrainedModel,
@@ -39,6 +30,15 @@ from transformers import (
     ViTModel,
 )
 
+from mmcds.encoders.checkpoint import (
+    CheckpointError,
+    load_strict,
+    model_id_for,
+    resolve_checkpoint,
+    select_device,
+    torch_dtype,
+    weight_files,
+)
 from mmcds.records import ImageInput, ModalityEncoding, content_hash
 
 __all__ = [
@@ -57,7 +57,7 @@ Backend = Literal["torch", "onnx"]
 # Backbones whose outputs this module knows how to pool and explain. CNNs: 4-D last_hidden_state
 # and a pooler_output; ViTs: a CLS token first in last_hidden_state.
 CNN_TYPES = frozenset({"resnet", "convnext", "convnextv2", "regnet", "bit"})
-VIT_TYPES = frozenset({"vit", "deit", "dinov2"})
+VIT_TYPES = frozenset({"vit", "dinov2"})  # DeiT adds a distillation token: not handled yet
 
 
 @dataclass

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from mmcds.encoders.checkpoint import CheckpointError
-from mmcds.encoders.image import ImageEncoder, build_tiny_cnn, build_tiny_vit
 from safetensors.torch import load_file, save_file
 
+from mmcds.encoders.checkpoint import CheckpointError
+from mmcds.encoders.image import ImageEncoder, build_tiny_cnn, build_tiny_vit
 from mmcds.records import ImageInput
 
 IMAGE_SIZE = 64  # small inputs keep the suite fast; the code path is the same as at 224
@@ -66,7 +66,7 @@ def test_preprocess_replicates_grey_and_does_not_rescale_twice(checkpoint: Path)
     raw = values * std + mean  # undo the per-channel normalisation: channels must be equal
     torch.testing.assert_close(raw[:, 0], raw[:, 1])
     torch.testing.assert_close(raw[:, 1], raw[:, 2])
-    assert raw[2, 0].std() > 0.2  # the ramp survives preprocessing as a ramp
+    assert raw[2, 0].std() > 0.1  # the ramp survives preprocessing (centre crop) as a ramp
     # White must map to (1 - mean) / std and black to -mean / std: a double rescale would put
     # white near -mean / std too.
     torch.testing.assert_close(values[0], ((1 - mean) / std).expand_as(values[0]))
