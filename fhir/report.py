@@ -12,7 +12,6 @@ Each resource is validated against the R4 (``fhir.resources.R4B``) models before
 from __future__ import annotations
 
 import base64
-import html
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 from fhir.resources.R4B.bundle import Bundle
 from mmcds.findings import BY_NAME
 from mmcds.pipeline import Analysis
+from mmcds.records import Explanation
 
 REPORT_SYSTEM = "urn:mmcds:analysis"
 DEVICE_SYSTEM = "urn:mmcds:model"
@@ -66,23 +66,45 @@ def _conclusion(analysis: Analysis) -> str:
     return " ".join(lines)
 
 
-def _html(analysis: Analysis, conclusion: str) -> str:
-    rows = "".join(
-        f"<tr><td>{html.escape(BY_NAME[f.finding].display)}</td>"
-        f"<td>{f.probability:.2f}</td><td>{f.level}</td></tr>"
-        for f in analysis.assessment.findings
-    )
-    missing = "".join(f"<li>{html.escape(m.reason)}</li>" for m in analysis.record.missing)
-    return (
-        "<html><body><h1>AI diagnosis-support summary (preliminary)</h1>"
-        f"<p>{html.escape(conclusion)}</p><table><tr><th>Finding</th><th>Probability</th>"
-        f"<th>Level</th></tr>{rows}</table>"
-        + (f"<h2>Unavailable inputs</h2><ul>{missing}</ul>" if missing else "")
-        + "</body></html>"
-    )
+def _media(analysis: Analysis, explanation: Explanation, issued: str) -> list[dict[str, Any]]:
+    """One Media per CNN saliency overlay (the ViT's maps stay on the review page)."""
+    subject = {"reference": f"Patient/{analysis.record.patient.id}"}
+    media = []
+    for s in explanation.images:
+        if s.overlay_png is None or s.method != "gradcam-cnn":
+            continue
+        title = f"AI saliency (preliminary): {BY_NAME[s.finding].display}, image {s.sop_uid}"
+        media.append(
+            {
+                "resourceType": "Media",
+                "meta": _meta(),
+                "status": "completed",
+                "type": {
+                    "coding": [
+                        {
+                            "system": "http://terminology.hl7.org/CodeSystem/media-type",
+                            "code": "image",
+                        }
+                    ]
+                },
+                "subject": subject,
+                "createdDateTime": issued,
+                "content": {
+                    "contentType": "image/png",
+                    "title": title,
+                    "data": base64.b64encode(s.overlay_png).decode(),
+                },
+                "note": [
+                    {"text": "Heatmap of what moved the model's score; not proof of disease."}
+                ],
+            }
+        )
+    return media
 
 
-def report_bundle(analysis: Analysis, *, now: datetime | None = None) -> dict[str, Any]:
+def report_bundle(
+    analysis: Analysis, explanation: Explanation, *, now: datetime | None = None
+) -> dict[str, Any]:
     """The transaction Bundle that writes this analysis back to the EHR."""
     now = now or datetime.now(UTC)
     issued = now.isoformat(timespec="seconds")
@@ -190,10 +212,19 @@ def report_bundle(analysis: Analysis, *, now: datetime | None = None) -> dict[st
             {
                 "contentType": "text/html; charset=utf-8",
                 "title": "AI diagnosis-support summary",
-                "data": base64.b64encode(_html(analysis, conclusion).encode()).decode(),
+                "data": base64.b64encode(explanation.summary_html.encode()).decode(),
             }
         ],
     }
+    media_refs = []
+    for media in _media(analysis, explanation, issued):
+        urn = _urn()
+        media_refs.append({"comment": media["content"]["title"], "link": {"reference": urn}})
+        entries.append(
+            {"fullUrl": urn, "resource": media, "request": {"method": "POST", "url": "Media"}}
+        )
+    if media_refs:
+        report["media"] = media_refs
     studies = sorted({img.reference for img in analysis.record.images if img.reference})
     if studies:
         report["imagingStudy"] = [{"reference": s} for s in studies]

@@ -32,7 +32,9 @@ CARD_NAME = "README.md"
 @dataclass
 class FusionConfig:
     findings: list[str] = field(default_factory=lambda: list(FINDING_NAMES))
-    input_dims: dict[str, int] = field(default_factory=lambda: {"image": 64, "text": 384, "labs": 9})
+    input_dims: dict[str, int] = field(
+        default_factory=lambda: {"image": 64, "text": 384, "labs": 9}
+    )
     d_model: int = 64
     n_heads: int = 4
     n_layers: int = 1
@@ -48,6 +50,11 @@ class FusionConfig:
     temperature: dict[str, float] = field(default_factory=dict)
     warning_threshold: dict[str, float] = field(default_factory=dict)
     critical_threshold: dict[str, float] = field(default_factory=dict)
+    # ``mmcds.fusion.calibrate.Calibration.to_json()``: method, global and per-site (scale, bias)
+    # per finding; empty = the temperatures above (or none).
+    calibration: dict[str, Any] = field(default_factory=dict)
+    # What it was trained on: data hash, split hash and the patient keys of each split.
+    training: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def save(self, path: Path) -> None:
@@ -69,7 +76,7 @@ class FusionBatch:
 def batch_from_encodings(
     config: FusionConfig, items: list[Encodings], device: torch.device | None = None
 ) -> FusionBatch:
-    """Pad each patient's tokens per modality to a batch; absent modalities get an all-False mask."""
+    """Pad each patient's tokens per modality; an absent modality gets an all-False mask."""
     tokens: dict[str, torch.Tensor] = {}
     mask: dict[str, torch.Tensor] = {}
     for modality in MODALITIES:
@@ -100,7 +107,9 @@ class FusionModel(nn.Module):
         d = config.d_model
         self.project = nn.ModuleDict(
             {
-                m: nn.Sequential(nn.LayerNorm(config.input_dims[m]), nn.Linear(config.input_dims[m], d))
+                m: nn.Sequential(
+                    nn.LayerNorm(config.input_dims[m]), nn.Linear(config.input_dims[m], d)
+                )
                 for m in MODALITIES
             }
         )
@@ -135,15 +144,20 @@ class FusionModel(nn.Module):
         return torch.as_tensor(self.heads(self.norm(h[:, 0])))
 
     @torch.inference_mode()
-    def predict_proba(self, items: list[Encodings]) -> np.ndarray:
-        """Calibrated probabilities (B, n_findings) for a list of patients."""
+    def predict_proba(
+        self, items: list[Encodings], sites: list[str | None] | None = None
+    ) -> np.ndarray:
+        """Calibrated probabilities (B, n_findings); a known site gets its own calibration."""
         self.eval()
         device = next(self.parameters()).device
-        logits = self(batch_from_encodings(self.config, items, device))
-        temps = torch.tensor(
-            [self.config.temperature.get(f, 1.0) for f in self.config.findings], device=device
-        )
-        return torch.sigmoid(logits / temps).cpu().numpy()
+        logits = self(batch_from_encodings(self.config, items, device)).double().cpu().numpy()
+        if self.config.calibration:
+            from mmcds.fusion.calibrate import Calibration
+
+            cal = Calibration.from_json(self.config.calibration, self.config.findings)
+            return cal.apply(logits, sites)
+        temps = np.array([self.config.temperature.get(f, 1.0) for f in self.config.findings])
+        return 1.0 / (1.0 + np.exp(-logits / temps))
 
     def check_encoders(self, encodings: Encodings) -> None:
         for modality, enc in encodings.by_modality.items():
@@ -182,9 +196,7 @@ class FusionModel(nn.Module):
 
 
 def default_card(config: FusionConfig) -> str:
-    status = (
-        "trained" if config.trained else "UNTRAINED: random weights, scores carry no meaning"
-    )
+    status = "trained" if config.trained else "UNTRAINED: random weights, scores carry no meaning"
     return (
         f"# mmcds fusion model {config.version}\n\n"
         f"Status: {status}.\n\n"

@@ -20,8 +20,10 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from mmcds.analysis_store import AnalysisStore
 from mmcds.auth import AuthError, JwtVerifier
 from mmcds.cards import analysis_card, unavailable_card
+from mmcds.explain import explain
 from mmcds.fhir.client import FhirClient, FhirError, FhirUnavailable
 from mmcds.fhir.dicomweb import DicomWebClient
 from mmcds.fhir.gather import Limits, gather_patient
@@ -72,6 +74,7 @@ def _error(status: int, message: str) -> JSONResponse:
 def create_app(settings: Settings, pipeline: Pipeline | None = None) -> FastAPI:
     """The service. ``pipeline`` is built from settings on first use when not given."""
     outbox = Outbox(settings.database_url)
+    analyses = AnalysisStore(settings.database_url)
 
     def send(fhir_server: str, bundle: dict[str, Any]) -> str | None:
         return send_bundle(fhir_server, bundle, timeout_s=settings.fhir_timeout_s)
@@ -196,11 +199,18 @@ def create_app(settings: Settings, pipeline: Pipeline | None = None) -> FastAPI:
                 reason = "patient not found" if exc.status == 404 else f"FHIR error {exc.status}"
                 return [unavailable_card(reason, model_card_url)]
             with analysis_lock:
-                analysis = get_pipeline().analyse(record)
-            card = analysis_card(analysis, model_card_url)
+                pipeline = get_pipeline()
+                analysis = pipeline.analyse(record)
+                stored = analyses.get(analysis.identifier)
+                if stored is not None:  # computed once per analysis, then read back
+                    explanation = stored.explanation
+                else:
+                    explanation = explain(pipeline, analysis)
+                    analyses.put(analysis, explanation)
+            card = analysis_card(analysis, explanation, model_card_url)
             # Stored before it is sent: a server that is down now gets it on a later retry.
             key = content_hash(f"{fhir_server}|{analysis.identifier}")
-            outbox.enqueue(key, fhir_server, report_bundle(analysis))
+            outbox.enqueue(key, fhir_server, report_bundle(analysis, explanation))
             outbox.deliver(send, key=key)
             delivery = outbox.get(key)
             if delivery is not None and delivery.status == "delivered":

@@ -1,4 +1,4 @@
-"""The ``mmcds`` command line: load, serve, demo, synth."""
+"""The ``mmcds`` command line: load, serve, demo, synth, train, evaluate."""
 
 from __future__ import annotations
 
@@ -104,3 +104,60 @@ def synth(
         f"({summary.patients_per_second:.1f}/s)\ncounts: {summary.counts}\n"
         f"prevalence by site: {summary.prevalence}"
     )
+
+
+@app.command()
+def train(
+    data: Annotated[Path, typer.Option(exists=True, file_okay=False, help="Cohort folder")],
+    out: Annotated[Path, typer.Option(help="Model folder to write")],
+    seed: Annotated[int, typer.Option(help="Split, initialisation and shuffling seed")] = 0,
+    epochs: Annotated[int, typer.Option(min=1, help="Fusion epochs (early stopping)")] = 80,
+    pretrain_epochs: Annotated[
+        int, typer.Option(min=0, help="Image encoder epochs; 0 = none")
+    ] = 20,
+    calibration: Annotated[str, typer.Option(help="platt or temperature")] = "platt",
+    limit: Annotated[int | None, typer.Option(min=10, help="Only the first N patients")] = None,
+    cache: Annotated[str | None, typer.Option(help="Embedding cache URL")] = None,
+) -> None:
+    """Train, calibrate and save a fusion model (with fine-tuned image encoders) from DATA."""
+    from mmcds.fusion.calibrate import Method
+    from mmcds.fusion.pretrain import PretrainSettings
+    from mmcds.fusion.run import TrainOptions, train_cohort
+    from mmcds.fusion.train import TrainSettings
+
+    if calibration not in ("platt", "temperature"):
+        raise typer.BadParameter("calibration must be 'platt' or 'temperature'")
+    method: Method = "platt" if calibration == "platt" else "temperature"
+    options = TrainOptions(
+        seed=seed,
+        pretrain=pretrain_epochs > 0,
+        pretrain_settings=PretrainSettings(epochs=max(1, pretrain_epochs), seed=seed),
+        train_settings=TrainSettings(epochs=epochs, seed=seed),
+        calibration=method,
+        limit=limit,
+        cache_url=cache,
+    )
+    train_cohort(data, out, get_settings(), options, echo=typer.echo)
+
+
+@app.command()
+def evaluate(
+    model: Annotated[Path, typer.Option(exists=True, file_okay=False, help="Model folder")],
+    data: Annotated[Path, typer.Option(exists=True, file_okay=False, help="Cohort folder")],
+    out: Annotated[Path, typer.Option(help="Report folder (metrics.json, report.html)")],
+    split: Annotated[str, typer.Option(help="Split scored when DATA is the training cohort")] = (
+        "test"
+    ),
+    bootstrap: Annotated[int, typer.Option(min=0, help="Bootstrap resamples")] = 1000,
+    cache: Annotated[str | None, typer.Option(help="Embedding cache URL")] = None,
+) -> None:
+    """Score DATA with a trained model: metrics.json and an HTML report with plots."""
+    from mmcds.fusion.run import evaluate_cohort
+
+    metrics = evaluate_cohort(
+        model, data, out, get_settings(), n_boot=bootstrap, cache_url=cache, split=split,
+        echo=typer.echo,
+    )  # fmt: skip
+    for f, m in metrics["subsets"]["image+text+labs"].items():
+        typer.echo(f"{f}: AUROC {m['auroc']} CI {m.get('auroc_ci')} ECE {m['ece']}")
+    typer.echo(f"wrote {out / 'metrics.json'} and {out / 'report.html'}")

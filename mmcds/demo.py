@@ -83,6 +83,10 @@ def hook_request(fhir_url: str, patient_id: str) -> dict[str, object]:
 
 def run_demo(*, patients: int, seed: int, fhir_url: str | None, dicomweb_url: str | None) -> None:
     base = get_settings()
+    if not base.fusion_model:  # the demo runs a trained model, built once at first run
+        from mmcds.fusion.run import ensure_demo_model
+
+        base = base.model_copy(update={"fusion_model": str(ensure_demo_model(base, typer.echo))})
     key = ECKey.generate_key("P-384", parameters={"kid": DEMO_KID})
     jwks = json.dumps({"keys": [key.as_dict(private=False)]})
     with (

@@ -67,8 +67,18 @@ class Pipeline:
     @classmethod
     def from_settings(cls, settings: Settings) -> Pipeline:
         model_dir = Path(settings.model_dir)
-        cnn_path = settings.cnn_model or str(_ensure(model_dir / "tiny-cnn", build_tiny_cnn))
-        vit_path = settings.vit_model or str(_ensure(model_dir / "tiny-vit", build_tiny_vit))
+        # A trained model folder carries its own fine-tuned image encoders (cnn/, vit/).
+        trained = Path(settings.fusion_model) if settings.fusion_model else None
+        cnn_path = settings.cnn_model or (
+            str(trained / "cnn")
+            if trained and (trained / "cnn" / "config.json").is_file()
+            else str(_ensure(model_dir / "tiny-cnn", build_tiny_cnn))
+        )
+        vit_path = settings.vit_model or (
+            str(trained / "vit")
+            if trained and (trained / "vit" / "config.json").is_file()
+            else str(_ensure(model_dir / "tiny-vit", build_tiny_vit))
+        )
         cnn = ImageEncoder.from_pretrained(cnn_path)
         vit = ImageEncoder.from_pretrained(vit_path)
         text = TextEncoder.from_pretrained(settings.text_model or None)
@@ -153,10 +163,11 @@ class Pipeline:
 
     # --- fuse -------------------------------------------------------------------------------
 
-    def fuse(self, encodings: Encodings) -> Assessment:
+    def fuse(self, encodings: Encodings, site: str | None = None) -> Assessment:
+        """``site`` (e.g. the images' InstitutionName) selects a per-site calibration if any."""
         config = self.fusion.config
         self.fusion.check_encoders(encodings)
-        probs = self.fusion.predict_proba([encodings])[0]
+        probs = self.fusion.predict_proba([encodings], [site])[0]
         scores = [
             FindingScore(
                 finding=name,
@@ -176,12 +187,19 @@ class Pipeline:
             model_version=config.version,
             trained=config.trained,
             modalities_used=encodings.present,
-            calibration="temperature" if config.temperature else "none",
+            calibration=(
+                str(config.calibration.get("method", "temperature"))
+                if config.calibration
+                else "temperature"
+                if config.temperature
+                else "none"
+            ),
         )
 
     def analyse(self, record: PatientRecord) -> Analysis:
         encodings = self.encode(record)
-        return Analysis(record, encodings, self.fuse(encodings))
+        site = next((img.site for img in record.images if img.site), None)
+        return Analysis(record, encodings, self.fuse(encodings, site))
 
 
 def _ensure(path: Path, build: object) -> Path:

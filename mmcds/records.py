@@ -174,3 +174,84 @@ class Assessment:
     def level(self) -> Level:
         order = [Level.info, Level.warning, Level.critical]
         return max((f.level for f in self.findings), key=order.index, default=Level.info)
+
+
+# --- explanations (explain stage) ------------------------------------------------------------
+
+
+@dataclass
+class ImageSaliency:
+    """Where in one image one finding's score came from.
+
+    ``heatmap`` is float32 in [0, 1] on the image's *original* pixel grid (``ImageInput.pixels``
+    shape); 0 also where the model's preprocessing cropped the image away. ``boxes`` are
+    ``(x0, y0, x1, y1, score)`` in original pixels, ``x1``/``y1`` exclusive, best first.
+    """
+
+    sop_uid: str
+    finding: str
+    method: str  # "gradcam-cnn" or "grad-rollout-vit"
+    heatmap: np.ndarray
+    boxes: list[tuple[int, int, int, int, float]] = field(default_factory=list)
+    overlay_png: bytes | None = None
+
+
+@dataclass(frozen=True)
+class EvidenceSpan:
+    """A piece of a source note: ``note.text[start:end] == text`` for the note ``note_ref``.
+
+    ``score`` is how much the finding's logit falls when the span is removed (positive:
+    the span supports the finding).
+    """
+
+    finding: str
+    note_ref: str
+    section: str | None
+    start: int
+    end: int
+    text: str
+    score: float
+
+
+@dataclass(frozen=True)
+class LabContribution:
+    """One lab's exact Shapley share of the finding's calibrated probability."""
+
+    finding: str
+    lab: str
+    value: float | None  # latest value in the canonical unit; None when not measured
+    unit: str | None
+    time: datetime | None
+    ref_low: float | None
+    ref_high: float | None
+    contribution: float
+    interpretation: str | None = None
+
+
+@dataclass(frozen=True)
+class ModalityShapley:
+    """Exact Shapley values of the modalities for one finding, in calibrated probability.
+
+    ``sum(values.values()) == full - base`` where ``base`` is the prediction with every
+    modality masked and ``full`` the prediction with all present.
+    """
+
+    finding: str
+    values: dict[str, float]
+    base: float
+    full: float
+
+
+@dataclass
+class Explanation:
+    """Everything the explain stage computed for one analysis, stored with it."""
+
+    analysis_id: str
+    images: list[ImageSaliency] = field(default_factory=list)
+    evidence: list[EvidenceSpan] = field(default_factory=list)
+    labs: list[LabContribution] = field(default_factory=list)
+    modalities: list[ModalityShapley] = field(default_factory=list)
+    summary_line: str = ""  # < 140 characters, for the card's summary
+    summary_markdown: str = ""  # the card's detail
+    summary_html: str = ""  # the DiagnosticReport's presentedForm
+    seconds: dict[str, float] = field(default_factory=dict)  # time per part, for monitoring

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from mmcds.fhir.client import FhirClient
 from mmcds.fhir.dicomweb import DicomWebClient
 from mmcds.fhir.gather import gather_patient
 from mmcds.fhir.load import load_folder
+from mmcds.findings import BY_NAME, FINDINGS
 from mmcds.pipeline import Pipeline
 from mmcds.servers import free_port
 from mmcds.settings import Settings
@@ -127,7 +129,7 @@ def test_hook_writes_back_a_report_with_the_run_values(
     (card,) = response.json()["cards"]
     assert "UNTRAINED" in card["summary"] and len(card["summary"]) < 140
     assert card["indicator"] == "info"  # an untrained model never raises an alarm
-    assert "1 image(s)" in card["detail"]
+    assert "Not available to the model" not in card["detail"]  # image, notes and labs all read
     with (
         FhirClient(fhir_url) as fhir,
         DicomWebClient(dicomweb.dicomweb_url, auth=dicomweb.auth) as pacs,
@@ -136,6 +138,10 @@ def test_hook_writes_back_a_report_with_the_run_values(
         assert report["status"] == "preliminary"
         assert report["subject"]["reference"] == f"Patient/{patient_id}"
         assert "UNTRAINED" in report["conclusion"]
+        # One saliency overlay (Media, PNG) per finding for the patient's one image.
+        assert len(report["media"]) == len(FINDINGS)
+        media = fhir.read(*report["media"][0]["link"]["reference"].split("/"))
+        assert base64.b64decode(media["content"]["data"])[:8] == b"\x89PNG\r\n\x1a\n"
         written = {}
         for ref in report["result"]:
             obs = fhir.read(*ref["reference"].split("/"))
@@ -143,8 +149,6 @@ def test_hook_writes_back_a_report_with_the_run_values(
             written[obs["code"]["coding"][0]["code"]] = obs["valueQuantity"]["value"]
         # The same pipeline on the same gathered data gives the values that were written.
         expected = pipeline.analyse(gather_patient(fhir, pacs, patient_id)).assessment
-    from mmcds.findings import BY_NAME
-
     assert written == {
         BY_NAME[f.finding].snomed: pytest.approx(f.probability, abs=1e-4) for f in expected.findings
     }
@@ -177,8 +181,8 @@ def test_synthea_patient_with_study_but_no_pixels(
 
     assert response.status_code == 200, response.text
     (card,) = response.json()["cards"]
-    assert "0 image(s)" in card["detail"]
-    assert "unavailable" in card["detail"] and "image" in card["detail"]
+    assert "no imaging available" in card["detail"]
+    assert "unavailable" in card["detail"]  # the study's pixels are not in the PACS
 
 
 def test_bad_requests_get_clear_errors(

@@ -1,0 +1,208 @@
+"""Explanation benchmark: latency per patient, localisation against the synthetic lesion masks,
+and the weight-randomisation sanity check. Prints JSON (and writes it with --out).
+
+    .venv/bin/python benchmarks/explain.py --model MODEL_DIR --data COHORT [--limit 60]
+
+MODEL_DIR is a folder written by ``mmcds train`` (fusion checkpoint + ``cnn/`` + ``vit/``); only
+its test-split patients are scored when it was trained on COHORT. Without --model the tiny
+untrained models are used (mechanics only: their figures mean nothing). Without --data a
+cohort is generated (--patients, --seed).
+
+- pointing game: the heatmap's maximum lies inside the true lesion mask (strict: no tolerance
+  margin), over positive patients whose image has a mask for the finding;
+- box IoU: the top derived box against the bounding box of the mask;
+- randomisation: Spearman rank correlation between a heatmap and the same heatmap after the
+  backbone's weights are re-drawn at random (low = the method depends on the weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from scipy.stats import spearmanr
+
+from mmcds.dataset import Example, iter_examples
+from mmcds.encoders.explain_image import CNN_METHOD, VIT_METHOD, image_saliency
+from mmcds.encoders.image import ImageEncoder
+from mmcds.encoders.labs import LabEncoder
+from mmcds.encoders.text import TextEncoder
+from mmcds.explain import explain
+from mmcds.fusion.model import FusionModel, batch_from_encodings
+from mmcds.pipeline import Pipeline
+from mmcds.settings import Settings
+from mmcds.store import EmbeddingCache
+
+
+def load_pipeline(model: Path | None, cache: str | None) -> Pipeline:
+    if model is None:
+        root = Path(tempfile.mkdtemp())
+        p = Pipeline.from_settings(
+            Settings(model_dir=root, database_url=f"sqlite:///{root / 'c.db'}")
+        )
+    else:
+        cnn = ImageEncoder.from_pretrained(str(model / "cnn"))
+        vit = ImageEncoder.from_pretrained(str(model / "vit"))
+        fusion = FusionModel.from_pretrained(model)
+        p = Pipeline(
+            cnn, vit, TextEncoder.from_pretrained(None), LabEncoder.from_pretrained(model), fusion
+        )
+    p.cache = EmbeddingCache(cache) if cache else None
+    return p
+
+
+def test_keys(model: Path | None) -> set[str]:
+    if model is None:
+        return set()
+    config = json.loads((model / "config.json").read_text())
+    split = config.get("training", {}).get("split") or config.get("extra", {}).get("split") or {}
+    return set(split.get("test", []))
+
+
+def box_iou(box: tuple[int, int, int, int], mask: np.ndarray) -> float:
+    ys, xs = np.nonzero(mask)
+    tx0, ty0, tx1, ty1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
+    x0, y0, x1, y1 = box
+    iw, ih = max(0, min(x1, tx1) - max(x0, tx0)), max(0, min(y1, ty1) - max(y0, ty0))
+    inter = iw * ih
+    union = (x1 - x0) * (y1 - y0) + (tx1 - tx0) * (ty1 - ty0) - inter
+    return float(inter / union) if union else 0.0
+
+
+def randomised(encoder: ImageEncoder, seed: int) -> ImageEncoder:
+    out = copy.copy(encoder)
+    out.model = copy.deepcopy(encoder.model)
+    out.embedder = copy.copy(encoder.embedder)
+    out.embedder.backbone = out.model
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in out.model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, float(p.std()) or 0.02)
+    return out
+
+
+def summarise(values: list[float]) -> dict[str, float]:
+    arr = np.asarray(values, dtype=float)
+    if arr.size == 0:
+        return {"n": 0}
+    return {
+        "n": int(arr.size),
+        "mean": round(float(arr.mean()), 4),
+        "median": round(float(np.median(arr)), 4),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--model", type=Path)
+    ap.add_argument("--data", type=Path)
+    ap.add_argument("--patients", type=int, default=40)
+    ap.add_argument("--seed", type=int, default=17)
+    ap.add_argument("--limit", type=int, default=60, help="at most this many test patients")
+    ap.add_argument(
+        "--random-images", type=int, default=12, help="images for the randomisation check"
+    )
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
+    ap.add_argument("--cache", help="embedding cache URL (speeds up re-runs)")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data = args.data
+    if data is None:
+        from mmcds.synth import generate_cohort
+
+        data = Path(tempfile.mkdtemp()) / "cohort"
+        generate_cohort(data, patients=args.patients, seed=args.seed)
+    pipe = load_pipeline(args.model, args.cache)
+    keys = test_keys(args.model)
+    labelled = set(pd.read_csv(data / "labels.csv", dtype={"patient_key": str})["patient_key"])
+    # a model trained on this cohort is scored on its test split; on another cohort, on all
+    wanted = keys if keys & labelled else labelled
+    examples: list[Example] = []
+    for ex in iter_examples(data):
+        if ex.key in wanted:
+            examples.append(ex)
+        if len(examples) >= args.limit:
+            break
+    latency: list[float] = []
+    parts: dict[str, list[float]] = {}
+    hits: dict[str, dict[str, list[float]]] = {CNN_METHOD: {}, VIT_METHOD: {}}
+    ious: dict[str, dict[str, list[float]]] = {CNN_METHOD: {}, VIT_METHOD: {}}
+    rand_pairs: list[tuple[Any, Any]] = []
+    explain(pipe, pipe.analyse(examples[0].record))  # warm-up: first-call costs are not per patient
+    for ex in examples:
+        analysis = pipe.analyse(ex.record)
+        start = time.perf_counter()
+        exp = explain(pipe, analysis)
+        latency.append(time.perf_counter() - start)
+        for k, v in exp.seconds.items():
+            parts.setdefault(k, []).append(v)
+        for s in exp.images:
+            path = ex.masks.get(f"{s.sop_uid}:{s.finding}")
+            if path is None or not ex.labels.get(s.finding):
+                continue
+            mask = np.asarray(Image.open(path)) > 0
+            if not mask.any():
+                continue
+            y, x = np.unravel_index(int(np.argmax(s.heatmap)), s.heatmap.shape)
+            hit = float(mask[y, x]) if s.heatmap.max() > 0 else 0.0
+            hits[s.method].setdefault(s.finding, []).append(hit)
+            iou = box_iou(s.boxes[0][:4], mask) if s.boxes else 0.0
+            ious[s.method].setdefault(s.finding, []).append(iou)
+        if len(rand_pairs) < args.random_images and ex.record.images:
+            rand_pairs.append((analysis, exp))
+    rho: dict[str, list[float]] = {CNN_METHOD: [], VIT_METHOD: []}
+    r_cnn, r_vit = randomised(pipe.cnn, 1), randomised(pipe.vit, 2)
+    for analysis, exp in rand_pairs:
+        batch = batch_from_encodings(pipe.fusion.config, [analysis.encodings])
+        before = {(s.sop_uid, s.finding, s.method): s.heatmap for s in exp.images}
+        for enc_cnn, enc_vit, method in (
+            (r_cnn, pipe.vit, CNN_METHOD),
+            (pipe.cnn, r_vit, VIT_METHOD),
+        ):
+            for s in image_saliency(enc_cnn, enc_vit, pipe.fusion, batch, analysis.record.images):
+                if s.method == method:
+                    r = spearmanr(
+                        before[(s.sop_uid, s.finding, s.method)].ravel(), s.heatmap.ravel()
+                    )[0]
+                    rho[method].append(0.0 if np.isnan(r) else float(r))
+    lat = np.asarray(latency)
+    result = {
+        "model": str(args.model) if args.model else "untrained tiny models",
+        "trained": pipe.fusion.config.trained,
+        "data": str(data),
+        "patients": len(examples),
+        "torch_threads": torch.get_num_threads(),
+        "explain_latency_s": {
+            "p50": round(float(np.percentile(lat, 50)), 3),
+            "p95": round(float(np.percentile(lat, 95)), 3),
+            "max": round(float(lat.max()), 3),
+            "parts_p50": {k: round(float(np.median(v)), 3) for k, v in parts.items()},
+        },
+        "pointing_game": {m: {f: summarise(v) for f, v in by.items()} for m, by in hits.items()},
+        "box_iou": {m: {f: summarise(v) for f, v in by.items()} for m, by in ious.items()},
+        "randomisation_spearman": {m: summarise(v) for m, v in rho.items()},
+    }
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

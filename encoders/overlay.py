@@ -1,0 +1,68 @@
+"""Saliency overlays as PNG: the windowed image, a colour map where the heatmap is high, the
+derived boxes, and a legend that says what the colours mean (Pillow only)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+# A perceptually ordered map (dark purple -> orange -> yellow, like "inferno"), so more colour
+# reads as more evidence in grey-scale prints too; rainbow maps invent edges that are not there.
+_ANCHORS = np.array(
+    [[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], dtype=np.float32
+)
+SHOW_FROM = 0.2  # below this fraction of the maximum the image is left uncoloured
+LEGEND_W = 56
+
+
+def colour_map(values: np.ndarray) -> np.ndarray:
+    """(…,) in [0, 1] -> (…, 3) uint8."""
+    pos = np.clip(values, 0, 1) * (len(_ANCHORS) - 1)
+    lo = np.floor(pos).astype(int).clip(0, len(_ANCHORS) - 2)
+    frac = (pos - lo)[..., None]
+    rgb = _ANCHORS[lo] * (1 - frac) + _ANCHORS[lo + 1] * frac
+    return rgb.astype(np.uint8)
+
+
+def window(pixels: np.ndarray) -> np.ndarray:
+    """Grey uint8 from [0, 1] pixels, stretched between the 1st and 99th percentiles."""
+    lo, hi = np.percentile(pixels, [1, 99])
+    scaled = (pixels - lo) / (hi - lo) if hi > lo else np.zeros_like(pixels)
+    return (np.clip(scaled, 0, 1) * 255).astype(np.uint8)
+
+
+def overlay_png(
+    pixels: np.ndarray,
+    heatmap: np.ndarray,
+    boxes: list[tuple[int, int, int, int, float]],
+    title: str,
+    alpha: float = 0.5,
+) -> bytes:
+    """PNG bytes: image + colour map (alpha scaled by the heatmap) + boxes + legend."""
+    if pixels.shape[:2] != heatmap.shape:
+        raise ValueError(f"heatmap {heatmap.shape} is not on the image grid {pixels.shape[:2]}")
+    grey = window(np.asarray(pixels, dtype=np.float32))
+    base = np.repeat(grey[..., None], 3, axis=2).astype(np.float32)
+    heat = np.clip(heatmap, 0, 1)
+    a = np.where(heat >= SHOW_FROM, alpha * heat, 0.0)[..., None]
+    mixed = (base * (1 - a) + colour_map(heat).astype(np.float32) * a).astype(np.uint8)
+    h, w = heat.shape
+    canvas = Image.new("RGB", (w + LEGEND_W, max(h, 120)), (255, 255, 255))
+    canvas.paste(Image.fromarray(mixed, "RGB"), (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    for rank, (x0, y0, x1, y1, _score) in enumerate(boxes):
+        colour = (0, 255, 255) if rank == 0 else (0, 160, 255)
+        draw.rectangle([x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)], outline=colour, width=2)
+    # legend: a vertical bar from high (top) to low, labelled
+    bar_h = max(40, min(h, canvas.height) - 60)
+    ramp = np.linspace(1, 0, bar_h)[:, None].repeat(14, axis=1)
+    canvas.paste(Image.fromarray(colour_map(ramp), "RGB"), (w + 8, 24))
+    draw.text((w + 4, 4), "high", fill=(0, 0, 0), font=font)
+    draw.text((w + 4, 28 + bar_h), "low", fill=(0, 0, 0), font=font)
+    draw.text((4, 4), title, fill=(255, 255, 0), font=font)
+    buf = io.BytesIO()
+    canvas.save(buf, format="PNG", optimize=False)
+    return buf.getvalue()

@@ -1,0 +1,172 @@
+"""Calibration on the validation split and operating points per finding.
+
+A calibrator maps a finding's logit to ``sigmoid(scale * logit + bias)``. ``temperature`` fits
+the scale only (bias 0, ``T = 1 / scale``); ``platt`` fits both, which also absorbs a shift in
+prevalence -- what differs most between sites. Per-site calibrators are fitted where the site has
+enough patients and both classes; elsewhere, and for an unknown site, the global one applies.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+from scipy.optimize import minimize
+
+Method = Literal["temperature", "platt"]
+
+#: A site needs this many validation patients, and this many of each class per finding, for its
+#: own calibrator; fewer and the fit would follow noise.
+MIN_SITE_PATIENTS = 40
+MIN_CLASS_COUNT = 5
+
+
+def _nll(params: np.ndarray, z: np.ndarray, y: np.ndarray, method: Method) -> float:
+    scale = params[0]
+    bias = params[1] if method == "platt" else 0.0
+    s = scale * z + bias
+    # log(1 + e^s) - y*s, stable both ways
+    return float(np.mean(np.logaddexp(0.0, s) - y * s))
+
+
+def fit_one(
+    logits: np.ndarray, labels: np.ndarray, method: Method = "platt"
+) -> tuple[float, float]:
+    """(scale, bias) minimising the log loss of one finding; identity if a class is absent."""
+    z, y = np.asarray(logits, float), np.asarray(labels, float)
+    if len(z) == 0 or y.min() == y.max():
+        return 1.0, 0.0
+    start = np.array([1.0, 0.0]) if method == "platt" else np.array([1.0])
+    bounds = [(1e-3, 100.0), (-20.0, 20.0)] if method == "platt" else [(1e-3, 100.0)]
+    res = minimize(_nll, start, args=(z, y, method), method="L-BFGS-B", bounds=bounds)
+    scale = float(res.x[0])
+    bias = float(res.x[1]) if method == "platt" else 0.0
+    return scale, bias
+
+
+@dataclass
+class Calibration:
+    method: Method
+    findings: list[str]
+    global_: dict[str, tuple[float, float]]
+    sites: dict[str, dict[str, tuple[float, float]]]
+    # Other names of a site as the service sees it (DICOM InstitutionName -> the labels' site).
+    aliases: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "global": {f: list(v) for f, v in self.global_.items()},
+            "sites": {s: {f: list(v) for f, v in d.items()} for s, d in self.sites.items()},
+            "aliases": dict(self.aliases),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], findings: Sequence[str]) -> Calibration:
+        if not data:
+            return identity(findings)
+        return cls(
+            method=data.get("method", "platt"),
+            findings=list(findings),
+            global_={f: (float(v[0]), float(v[1])) for f, v in data["global"].items()},
+            sites={
+                s: {f: (float(v[0]), float(v[1])) for f, v in d.items()}
+                for s, d in data.get("sites", {}).items()
+            },
+            aliases=dict(data.get("aliases", {})),
+        )
+
+    def params(self, site: str | None, per_site: bool = True) -> np.ndarray:
+        """(F, 2) scale and bias for a patient at ``site``."""
+        key = site or ""
+        key = key if key in self.sites else self.aliases.get(key, key)
+        table = self.sites.get(key, {}) if per_site else {}
+        return np.array(
+            [table.get(f, self.global_.get(f, (1.0, 0.0))) for f in self.findings], dtype=float
+        )
+
+    def apply(
+        self, logits: np.ndarray, sites: Sequence[str | None] | None = None, per_site: bool = True
+    ) -> np.ndarray:
+        """Calibrated probabilities (N, F) from logits (N, F)."""
+        z = np.asarray(logits, float)
+        sites = list(sites) if sites is not None else [None] * len(z)
+        p = np.stack([self.params(s, per_site) for s in sites]) if len(z) else np.zeros((0, 0, 2))
+        if len(z) == 0:
+            return np.zeros_like(z)
+        return 1.0 / (1.0 + np.exp(-(p[..., 0] * z + p[..., 1])))
+
+    @property
+    def temperatures(self) -> dict[str, float]:
+        return {f: 1.0 / v[0] for f, v in self.global_.items()}
+
+
+def identity(findings: Sequence[str]) -> Calibration:
+    return Calibration("temperature", list(findings), {f: (1.0, 0.0) for f in findings}, {})
+
+
+def fit_calibration(
+    logits: np.ndarray,
+    labels: np.ndarray,
+    findings: Sequence[str],
+    sites: Sequence[str | None] | None = None,
+    method: Method = "platt",
+) -> Calibration:
+    z, y = np.asarray(logits, float), np.asarray(labels, float)
+    global_ = {f: fit_one(z[:, j], y[:, j], method) for j, f in enumerate(findings)}
+    per_site: dict[str, dict[str, tuple[float, float]]] = {}
+    site_arr = np.array([s or "" for s in sites]) if sites is not None else None
+    if site_arr is not None:
+        for site in sorted(set(site_arr) - {""}):
+            rows = site_arr == site
+            if rows.sum() < MIN_SITE_PATIENTS:
+                continue
+            fitted = {}
+            for j, f in enumerate(findings):
+                pos = int(y[rows, j].sum())
+                if min(pos, int(rows.sum()) - pos) >= MIN_CLASS_COUNT:
+                    fitted[f] = fit_one(z[rows, j], y[rows, j], method)
+            if fitted:
+                per_site[site] = fitted
+    return Calibration(method, list(findings), global_, per_site)
+
+
+# --- operating points ---------------------------------------------------------------------------
+
+
+def sensitivity_threshold(probs: np.ndarray, labels: np.ndarray, target: float) -> float:
+    """The highest threshold whose sensitivity (p >= t among positives) reaches ``target``."""
+    pos = np.sort(np.asarray(probs, float)[np.asarray(labels) == 1])
+    if len(pos) == 0:
+        return 1.01  # nothing to find: never alarm
+    k = math.ceil(target * len(pos) - 1e-9)
+    return float(pos[len(pos) - k]) if k > 0 else 1.01
+
+
+def specificity_threshold(probs: np.ndarray, labels: np.ndarray, target: float) -> float:
+    """The lowest threshold whose specificity (p < t among negatives) reaches ``target``."""
+    neg = np.sort(np.asarray(probs, float)[np.asarray(labels) == 0])
+    if len(neg) == 0:
+        return 1.01
+    k = math.ceil(target * len(neg) - 1e-9)
+    return float(np.nextafter(neg[k - 1], np.inf)) if k > 0 else 0.0
+
+
+def operating_points(
+    probs: np.ndarray,
+    labels: np.ndarray,
+    findings: Sequence[str],
+    warning_sensitivity: float = 0.95,
+    critical_specificity: float = 0.95,
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Per finding: the warning threshold (target sensitivity) and the critical one (target
+    specificity, never below the warning threshold)."""
+    warning, critical = {}, {}
+    for j, f in enumerate(findings):
+        w = sensitivity_threshold(probs[:, j], labels[:, j], warning_sensitivity)
+        c = specificity_threshold(probs[:, j], labels[:, j], critical_specificity)
+        warning[f], critical[f] = w, max(c, w)
+    return warning, critical

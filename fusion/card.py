@@ -1,0 +1,80 @@
+"""The model card written beside a trained fusion checkpoint (Markdown)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from mmcds.fusion.model import FusionConfig
+
+
+def _fmt(x: Any) -> str:
+    return "n/a" if x is None else f"{x:.3f}" if isinstance(x, float) else str(x)
+
+
+def model_card(config: FusionConfig, val_metrics: dict[str, Any]) -> str:
+    t = config.training
+    all_ = val_metrics.get("subsets", {}).get("image+text+labs", {})
+    rows = "\n".join(
+        f"| {f} | {_fmt(m.get('auroc'))} | {_fmt(m.get('auprc'))} | {_fmt(m.get('ece'))} | "
+        f"{_fmt(config.warning_threshold.get(f))} | {_fmt(config.critical_threshold.get(f))} |"
+        for f, m in all_.items()
+    )
+    split = t.get("split", {})
+    sizes = ", ".join(f"{k} {len(v)}" for k, v in split.items())
+    ops = t.get("operating_points", {})
+    site_cal = ", ".join(config.calibration.get("sites", {})) or "none"
+    return f"""# mmcds fusion model {config.version}
+
+Status: trained. Every output is preliminary decision support until a clinician accepts it.
+
+## Intended use
+Flags {", ".join(config.findings)} for clinicians reviewing an adult inpatient's chest radiograph,
+clinical notes and recent labs, from a CDS Hooks service. It supports review and prioritisation;
+it does not diagnose, and must not be used autonomously or on populations it was not checked on.
+
+## Model
+Attention over modality tokens (one per image, one per note chunk, one per lab; width
+{config.d_model}, {config.n_layers} layer(s), {config.n_heads} heads) with masks for missing
+modalities and modality dropout ({config.modality_dropout}) in training, so any subset of
+modalities can be scored. One calibrated probability per finding.
+
+Encoders: the text encoder is frozen. The image encoders (a tiny ResNet and a tiny ViT) were
+**fine-tuned** as multi-label classifiers of these findings on the training split's images only
+({t.get("image_encoders", "n/a")}), then frozen; their checkpoints are the `cnn/` and `vit/`
+folders beside this card. Encoder ids:
+
+```json
+{json.dumps(config.encoder_ids, indent=2)}
+```
+
+## Data
+Trained on `{t.get("data", "n/a")}` (cohort {json.dumps(t.get("cohort", {}))}), data hash
+`{t.get("data_hash", "n/a")}`, split hash `{t.get("split_hash", "n/a")}`. Patient-level split,
+stratified by site, seed {t.get("seed")}: {sizes}. The test split took no part in training,
+early stopping or calibration.
+
+## Calibration and operating points
+{config.calibration.get("method", "none")} scaling per finding on the validation split, with a
+per-site calibrator where the site had enough patients ({site_cal}).
+`warning` is the highest threshold reaching sensitivity {ops.get("warning_sensitivity")} on the
+validation split; `critical` the lowest reaching specificity {ops.get("critical_specificity")}
+(never below `warning`).
+
+## Metrics (validation split, all modalities)
+| finding | AUROC | AUPRC | ECE | warning | critical |
+|---|---|---|---|---|---|
+{rows}
+
+Test-split metrics with confidence intervals, per modality subset, site and subgroup come from
+`mmcds evaluate` (metrics.json and report.html).
+
+## Limits
+- Trained and checked on a **synthetic** cohort only; its findings, sites and artefacts are
+  simplified. Performance on real patients is unknown until checked on the local population.
+- Calibration and thresholds are per site for the sites seen in training; an unknown site gets
+  the global calibrator, and its calibration must be checked before use.
+- With modalities missing, discrimination drops (see the report) and calibration was fitted with
+  all modalities present.
+- Labels may be noisy; saliency and evidence spans may mislead.
+"""

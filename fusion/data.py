@@ -1,0 +1,118 @@
+"""A cohort as arrays the fusion stages share: encodings, labels, sites, subgroups, splits.
+
+The split is by patient, stratified by site and fixed by the seed; the test split is never seen
+by pre-training, training, early stopping or calibration.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from mmcds.dataset import Example
+from mmcds.records import Encodings
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class EncodedSet:
+    """Per patient, in the same order: encodings, 0/1 labels (N, F) and who they are."""
+
+    keys: list[str]
+    encodings: list[Encodings]
+    labels: np.ndarray
+    findings: list[str]
+    sites: list[str | None] = field(default_factory=list)
+    sex: list[str | None] = field(default_factory=list)
+    age_band: list[str | None] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def subset(self, index: Sequence[int] | np.ndarray) -> EncodedSet:
+        idx = [int(i) for i in index]
+        return EncodedSet(
+            keys=[self.keys[i] for i in idx],
+            encodings=[self.encodings[i] for i in idx],
+            labels=self.labels[idx],
+            findings=list(self.findings),
+            sites=[self.sites[i] for i in idx],
+            sex=[self.sex[i] for i in idx],
+            age_band=[self.age_band[i] for i in idx],
+        )
+
+    def select_keys(self, keys: Iterable[str]) -> EncodedSet:
+        where = {k: i for i, k in enumerate(self.keys)}
+        missing = [k for k in keys if k not in where]
+        if missing:
+            raise KeyError(f"{len(missing)} patient(s) not in this set, e.g. {missing[0]}")
+        return self.subset([where[k] for k in keys])
+
+
+def encode_examples(
+    examples: Iterable[Example],
+    encode: Callable[[Example], Encodings],
+    findings: Sequence[str],
+) -> EncodedSet:
+    keys, encs, labels, sites, sex, bands = [], [], [], [], [], []
+    for ex in examples:
+        missing = [f for f in findings if f not in ex.labels]
+        if missing:
+            raise ValueError(f"labels for {ex.key} lack {missing}: the labels file must name them")
+        keys.append(ex.key)
+        encs.append(encode(ex))
+        labels.append([ex.labels[f] for f in findings])
+        sites.append(ex.site)
+        sex.append(ex.sex)
+        bands.append(ex.age_band)
+    return EncodedSet(
+        keys,
+        encs,
+        np.asarray(labels, dtype=np.float32).reshape(-1, len(findings)),
+        list(findings),
+        sites,
+        sex,
+        bands,
+    )
+
+
+def split_patients(
+    keys: Sequence[str],
+    sites: Sequence[str | None],
+    seed: int,
+    fractions: tuple[float, float, float] = (0.6, 0.2, 0.2),
+) -> dict[str, list[str]]:
+    """Patient-level train/val/test split, stratified by site, deterministic from ``seed``.
+
+    Within a site the keys are sorted, then shuffled by the seed, so the split does not depend on
+    the order of the labels file.
+    """
+    if abs(sum(fractions) - 1.0) > 1e-6 or min(fractions) <= 0:
+        raise ValueError(f"split fractions must be positive and sum to 1, got {fractions}")
+    if len(set(keys)) != len(keys):
+        raise ValueError("patient keys must be unique: a patient may sit in one split only")
+    out: dict[str, list[str]] = {s: [] for s in SPLITS}
+    by_site: dict[str, list[str]] = {}
+    for k, s in zip(keys, sites, strict=True):
+        by_site.setdefault(s or "", []).append(k)
+    for site in sorted(by_site):
+        group = sorted(by_site[site])
+        site_seed = int(hashlib.sha256(f"{seed}|{site}".encode()).hexdigest()[:8], 16)
+        order = np.random.default_rng(site_seed).permutation(len(group))
+        n_train = int(round(fractions[0] * len(group)))
+        n_val = int(round(fractions[1] * len(group)))
+        for rank, i in enumerate(order):
+            name = "train" if rank < n_train else "val" if rank < n_train + n_val else "test"
+            out[name].append(group[i])
+    for s in SPLITS:
+        out[s].sort()
+    return out
+
+
+def split_hash(split: dict[str, list[str]]) -> str:
+    text = "|".join(f"{s}:{','.join(split[s])}" for s in SPLITS)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -1,0 +1,174 @@
+"""Fine-tuning the tiny image encoders on the training split's radiographs (the "option to
+fine-tune" the encoders, done as a stage so the embeddings stay cacheable).
+
+A randomly initialised tiny CNN or ViT carries little about the findings, and saliency (Grad-CAM)
+can only point at lesions if the CNN learned them. So before fusion is trained, each backbone is
+trained from its tiny random initialisation as a multi-label classifier (one logit per finding,
+``problem_type="multi_label_classification"``) on the training split's images only, with early
+stopping on the validation split's images. The saved checkpoint is the whole classifier: the
+image encoder loads it with every key matched and embeds with its ``base_model``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+from transformers import (
+    PreTrainedModel,
+    ResNetConfig,
+    ResNetForImageClassification,
+    ViTConfig,
+    ViTForImageClassification,
+)
+
+from mmcds.encoders.image import ImageEncoder, build_tiny_cnn, build_tiny_vit
+from mmcds.fusion.train import set_seeds
+
+log = logging.getLogger(__name__)
+
+Kind = Literal["cnn", "vit"]
+
+
+@dataclass
+class PretrainSettings:
+    epochs: int = 20
+    batch_size: int = 32
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    patience: int = 4
+    shift: int = 12  # random translation in pixels, so position is learned as anatomy, not grid
+    seed: int = 0
+
+
+@dataclass
+class PretrainLog:
+    kind: str
+    epochs_run: int = 0
+    best_epoch: int = 0
+    best_val_loss: float = float("inf")
+    seconds: float = 0.0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def _classifier(kind: Kind, findings: Sequence[str], folder: Path) -> PreTrainedModel:
+    """A classifier whose backbone config is the tiny encoder's built into ``folder``."""
+    labels = {
+        "id2label": dict(enumerate(findings)),
+        "label2id": {f: i for i, f in enumerate(findings)},
+    }
+    if kind == "cnn":
+        build_tiny_cnn(folder)
+        cnn_cfg = ResNetConfig.from_pretrained(folder)
+        cnn_cfg.update({"problem_type": "multi_label_classification", **labels})
+        return ResNetForImageClassification(cnn_cfg)
+    build_tiny_vit(folder)
+    vit_cfg = ViTConfig.from_pretrained(folder)
+    vit_cfg.update({"problem_type": "multi_label_classification", **labels})
+    return ViTForImageClassification(vit_cfg)
+
+
+def preprocess_all(encoder: ImageEncoder, pixels: Sequence[np.ndarray]) -> torch.Tensor:
+    """The encoder's own preprocessing, so training sees exactly what service feeds it."""
+    parts = [encoder.preprocess(pixels[i : i + 64]) for i in range(0, len(pixels), 64)]
+    return torch.cat(parts) if parts else torch.zeros(0)
+
+
+def _augment(x: torch.Tensor, shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Random translation (zero padded) and a mild contrast/brightness change per image."""
+    n, _, h, w = x.shape
+    if shift:
+        padded = F.pad(x, (shift, shift, shift, shift))
+        dy, dx = torch.randint(0, 2 * shift + 1, (2,), generator=generator).tolist()
+        x = padded[:, :, dy : dy + h, dx : dx + w]
+    gain = 1 + 0.1 * (torch.rand(n, 1, 1, 1, generator=generator) * 2 - 1)
+    offset = 0.1 * (torch.rand(n, 1, 1, 1, generator=generator) * 2 - 1)
+    return x * gain + offset
+
+
+def pretrain_image_encoder(
+    kind: Kind,
+    findings: Sequence[str],
+    train_pixels: Sequence[np.ndarray],
+    train_labels: np.ndarray,
+    val_pixels: Sequence[np.ndarray],
+    val_labels: np.ndarray,
+    out: Path,
+    settings: PretrainSettings | None = None,
+    progress: bool = True,
+) -> PretrainLog:
+    """Train ``kind`` on the given images and save the best (lowest val loss) to ``out``."""
+    s = settings or PretrainSettings()
+    started = time.perf_counter()
+    set_seeds(s.seed)
+    with tempfile.TemporaryDirectory(prefix=f"mmcds-{kind}-") as tmp:
+        model = _classifier(kind, findings, Path(tmp))
+        encoder = ImageEncoder.from_pretrained(tmp)  # its processor, for identical inputs
+        x_train = preprocess_all(encoder, train_pixels)
+        x_val = preprocess_all(encoder, val_pixels)
+        processor = encoder.processor
+    y_train = torch.from_numpy(np.asarray(train_labels, np.float32))
+    y_val = torch.from_numpy(np.asarray(val_labels, np.float32))
+    generator = torch.Generator().manual_seed(s.seed)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+    record = PretrainLog(kind)
+    best = copy.deepcopy(model.state_dict())
+    bar = tqdm(range(s.epochs), desc=f"pretrain {kind}", unit="epoch", disable=not progress)
+    for epoch in bar:
+        model.train()
+        order = torch.randperm(len(x_train), generator=generator)
+        losses = []
+        for start in range(0, len(order), s.batch_size):
+            idx = order[start : start + s.batch_size]
+            logits = model(pixel_values=_augment(x_train[idx], s.shift, generator)).logits
+            loss = F.binary_cross_entropy_with_logits(logits, y_train[idx])
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            losses.append(loss.item())
+        val_loss = _loss(model, x_val, y_val)
+        record.history.append(
+            {"epoch": epoch, "train_loss": float(np.mean(losses)), "val_loss": val_loss}
+        )
+        bar.set_postfix(train=f"{np.mean(losses):.3f}", val=f"{val_loss:.3f}")
+        record.epochs_run = epoch + 1
+        if val_loss < record.best_val_loss - 1e-4:
+            record.best_val_loss, record.best_epoch = val_loss, epoch
+            best = copy.deepcopy(model.state_dict())
+        elif epoch - record.best_epoch >= s.patience:
+            break
+    model.load_state_dict(best)
+    model.eval()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    record.seconds = time.perf_counter() - started
+    log.info(
+        "%s pre-trained: best val loss %.4f at epoch %d",
+        kind,
+        record.best_val_loss,
+        record.best_epoch,
+    )
+    return record
+
+
+@torch.inference_mode()
+def _loss(model: PreTrainedModel, x: torch.Tensor, y: torch.Tensor) -> float:
+    model.eval()
+    total = 0.0
+    for start in range(0, len(x), 128):
+        logits = model(pixel_values=x[start : start + 128]).logits
+        total += float(
+            F.binary_cross_entropy_with_logits(logits, y[start : start + 128], reduction="sum")
+        )
+    return total / max(1, y.numel())

@@ -1,0 +1,279 @@
+"""``mmcds train`` and ``mmcds evaluate``: from a cohort folder to a model folder and a report.
+
+A model folder holds the fusion checkpoint (``config.json``, ``model.safetensors``, ``README.md``
+model card), the fitted lab encoder (``lab_encoder.json``) and the fine-tuned image encoders
+(``cnn/``, ``vit/``); ``Pipeline.from_settings`` loads all of it from ``MMCDS_FUSION_MODEL``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from mmcds.dataset import Example, iter_examples
+from mmcds.encoders.image import ImageEncoder, build_tiny_cnn, build_tiny_vit
+from mmcds.encoders.labs import LabEncoder
+from mmcds.encoders.text import TextEncoder
+from mmcds.findings import FINDING_NAMES
+from mmcds.fusion.calibrate import Method, fit_calibration, operating_points
+from mmcds.fusion.card import model_card
+from mmcds.fusion.data import EncodedSet, encode_examples, split_hash, split_patients
+from mmcds.fusion.evaluate import evaluate
+from mmcds.fusion.model import FusionModel
+from mmcds.fusion.pretrain import PretrainSettings, pretrain_image_encoder
+from mmcds.fusion.train import TrainSettings, predict_logits, train_fusion
+from mmcds.pipeline import Pipeline, untrained_fusion
+from mmcds.settings import Settings
+from mmcds.store import EmbeddingCache
+
+log = logging.getLogger(__name__)
+Echo = Callable[[str], None]
+
+
+@dataclass
+class TrainOptions:
+    seed: int = 0
+    fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)
+    pretrain: bool = True
+    pretrain_settings: PretrainSettings = field(default_factory=PretrainSettings)
+    train_settings: TrainSettings = field(default_factory=TrainSettings)
+    calibration: Method = "platt"
+    warning_sensitivity: float = 0.95
+    critical_specificity: float = 0.95
+    limit: int | None = None  # first N patients of the labels file (quick runs)
+    cache_url: str | None = None  # default: settings.database_url
+    progress: bool = True
+
+
+def load_examples(data: Path, limit: int | None, progress: bool) -> list[Example]:
+    n = limit
+    if n is None:
+        with (data / "labels.csv").open() as fh:
+            n = max(0, sum(1 for _ in fh) - 1)
+    return list(tqdm(iter_examples(data, limit), total=n, desc="read", disable=not progress))
+
+
+def data_hash(ds: EncodedSet) -> str:
+    """Content hash of what the model learned from: each patient's inputs and labels."""
+    h = hashlib.sha256()
+    for key, enc, y in zip(ds.keys, ds.encodings, ds.labels, strict=True):
+        h.update(key.encode())
+        for m in sorted(enc.by_modality):
+            h.update("|".join(enc.by_modality[m].input_hashes).encode())
+        h.update(y.astype(np.int8).tobytes())
+    return h.hexdigest()[:16]
+
+
+def encode_all(pipe: Pipeline, examples: list[Example], progress: bool) -> EncodedSet:
+    bar = tqdm(examples, desc="encode", disable=not progress)
+    return encode_examples(bar, lambda ex: pipe.encode(ex.record), FINDING_NAMES)
+
+
+def train_cohort(
+    data: Path,
+    out: Path,
+    settings: Settings,
+    options: TrainOptions | None = None,
+    echo: Echo = print,
+) -> dict[str, Any]:
+    """Train, calibrate and save a model folder; returns the summary also written to the card."""
+    o = options or TrainOptions()
+    timings: dict[str, float] = {}
+    t0 = t = time.perf_counter()
+    examples = load_examples(data, o.limit, o.progress)
+    keys = [ex.key for ex in examples]
+    split = split_patients(keys, [ex.site for ex in examples], o.seed, o.fractions)
+    echo(f"{len(examples)} patients: " + ", ".join(f"{k} {len(v)}" for k, v in split.items()))
+    by_key = {ex.key: ex for ex in examples}
+    train_ex = [by_key[k] for k in split["train"]]
+    val_ex = [by_key[k] for k in split["val"]]
+    timings["read_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    labs = LabEncoder().fit(ex.record.labs for ex in train_ex)
+    out.mkdir(parents=True, exist_ok=True)
+    pre_logs = {}
+    for kind in ("cnn", "vit"):
+        folder = out / kind
+        if o.pretrain:
+            pre = pretrain_image_encoder(
+                kind,
+                FINDING_NAMES,
+                *_images(train_ex),
+                *_images(val_ex),
+                folder,
+                o.pretrain_settings,
+                o.progress,
+            )
+            pre_logs[kind] = asdict(pre)
+            echo(f"{kind}: best val loss {pre.best_val_loss:.4f} at epoch {pre.best_epoch}")
+        else:
+            (build_tiny_cnn if kind == "cnn" else build_tiny_vit)(folder)
+    timings["pretrain_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    cnn = ImageEncoder.from_pretrained(str(out / "cnn"))
+    vit = ImageEncoder.from_pretrained(str(out / "vit"))
+    text = TextEncoder.from_pretrained(settings.text_model or None)
+    cache = EmbeddingCache(o.cache_url or settings.database_url)
+    pipe = Pipeline(cnn, vit, text, labs, untrained_fusion(cnn, vit, text, labs), cache)
+    encoded = encode_all(pipe, examples, o.progress)
+    timings["encode_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    config = pipe.fusion.config
+    train, val = encoded.select_keys(split["train"]), encoded.select_keys(split["val"])
+    model, tlog = train_fusion(config, train, val, o.train_settings, o.progress)
+    echo(f"fusion: {tlog.epochs_run} epochs, best val loss {tlog.best_val_loss:.4f}")
+    timings["fusion_s"] = time.perf_counter() - t
+
+    val_logits = predict_logits(model, val.encodings)
+    cal = fit_calibration(val_logits, val.labels, config.findings, val.sites, o.calibration)
+    probs = cal.apply(val_logits, val.sites)
+    warning, critical = operating_points(
+        probs, val.labels, config.findings, o.warning_sensitivity, o.critical_specificity
+    )
+    cal.aliases = {
+        img.site: ex.site for ex in examples for img in ex.record.images if img.site and ex.site
+    }
+    config.calibration = cal.to_json()
+    config.temperature = cal.temperatures
+    config.warning_threshold, config.critical_threshold = warning, critical
+    config.trained = True
+    timings["total_s"] = time.perf_counter() - t0
+    config.training = {
+        "data": str(data),
+        "data_hash": data_hash(encoded),
+        "split_hash": split_hash(split),
+        "split": split,
+        "seed": o.seed,
+        "operating_points": {
+            "warning_sensitivity": o.warning_sensitivity,
+            "critical_specificity": o.critical_specificity,
+            "chosen_on": "validation split, calibrated probabilities",
+        },
+        "image_encoders": "fine-tuned on the training split" if o.pretrain else "random, frozen",
+        "pretrain": pre_logs,
+        "fusion": asdict(tlog),
+        "timings_s": {k: round(v, 1) for k, v in timings.items()},
+        "cohort": _cohort_meta(data),
+    }
+    config.version = f"fusion-{config.training['data_hash'][:8]}-{_weights_digest(model)}"
+    val_metrics = evaluate(model, val, n_boot=0)
+    model.save_pretrained(out, model_card(config, val_metrics))
+    labs.save_pretrained(out)
+    (out / "val_metrics.json").write_text(json.dumps(val_metrics, indent=1))
+    echo(f"saved {out} ({config.version}): {config.training['timings_s']}")
+    return config.training
+
+
+def evaluate_cohort(
+    model_dir: Path,
+    data: Path,
+    out: Path,
+    settings: Settings,
+    *,
+    n_boot: int = 1000,
+    cache_url: str | None = None,
+    split: str = "test",
+    progress: bool = True,
+    echo: Echo = print,
+) -> dict[str, Any]:
+    """Encode ``data`` with the model folder's encoders and write metrics.json + report.html.
+
+    If the model was trained on this cohort, only its ``split`` patients are scored (the test
+    split by default); patients of another cohort are all scored.
+    """
+    from mmcds.fusion.report_html import write_report
+
+    model = FusionModel.from_pretrained(model_dir)
+    s = settings.model_copy(
+        update={"fusion_model": str(model_dir), "cnn_model": "", "vit_model": ""}
+    )
+    pipe = Pipeline.from_settings(s)
+    if cache_url:
+        pipe.cache = EmbeddingCache(cache_url)
+    keys = set(model.config.training.get("split", {}).get(split, []))
+    examples = load_examples(data, None, progress)
+    chosen = (
+        [ex for ex in examples if ex.key in keys] if keys & {e.key for e in examples} else examples
+    )
+    echo(
+        f"evaluating {len(chosen)} of {len(examples)} patients"
+        + (f" ({split} split)" if len(chosen) < len(examples) else "")
+    )
+    encoded = encode_all(pipe, chosen, progress)
+    metrics = evaluate(model, encoded, n_boot=n_boot)
+    metrics["data"]["folder"] = str(data)
+    metrics["data"]["split"] = split if len(chosen) < len(examples) else "all"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    write_report(metrics, out / "report.html")
+    return metrics
+
+
+def _images(examples: list[Example]) -> tuple[list[np.ndarray], np.ndarray]:
+    """One training image per radiograph, labelled with its patient's findings."""
+    pixels, labels = [], []
+    for ex in examples:
+        for img in ex.record.images:
+            pixels.append(img.pixels)
+            labels.append([ex.labels[f] for f in FINDING_NAMES])
+    return pixels, np.asarray(labels, np.float32).reshape(-1, len(FINDING_NAMES))
+
+
+def _cohort_meta(data: Path) -> dict[str, Any]:
+    path = data / "cohort.json"
+    if not path.is_file():
+        return {}
+    meta = json.loads(path.read_text())
+    return {k: meta.get(k) for k in ("generator", "seed", "args")}
+
+
+def _weights_digest(model: FusionModel) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().numpy().tobytes())
+    return h.hexdigest()[:8]
+
+
+#: The demo's model: trained once at first run, then reused from ``settings.model_dir``.
+DEMO_PATIENTS = 200
+DEMO_SEED = 2024
+
+
+def demo_model_dir(settings: Settings) -> Path:
+    return Path(settings.model_dir) / "fusion-demo"
+
+
+def ensure_demo_model(settings: Settings, echo: Echo = print) -> Path:
+    """The demo's trained model folder; trained here at first run (a few minutes on 2 cores).
+
+    The same as ``mmcds synth --out DIR --patients 200 --seed 2024`` then
+    ``mmcds train --data DIR --out <model_dir>/fusion-demo --seed 2024 --pretrain-epochs 10``.
+    """
+    from mmcds.synth import generate_cohort
+
+    out = demo_model_dir(settings)
+    if (out / "model.safetensors").is_file() and (out / "lab_encoder.json").is_file():
+        return out
+    cohort = Path(settings.model_dir) / "demo-cohort"
+    echo(f"first run: training the demo model on {DEMO_PATIENTS} synthetic patients -> {out}")
+    generate_cohort(cohort, patients=DEMO_PATIENTS, seed=DEMO_SEED)
+    options = TrainOptions(
+        seed=DEMO_SEED,
+        pretrain_settings=PretrainSettings(epochs=10, seed=DEMO_SEED),
+        train_settings=TrainSettings(seed=DEMO_SEED),
+    )
+    train_cohort(cohort, out, settings, options, echo=echo)
+    return out

@@ -1,0 +1,247 @@
+"""Analyses and their explanations, stored once and read by the hook and the review page.
+
+Keyed by ``Analysis.identifier`` (a hash of patient, model versions and input hashes), so the
+same analysis is stored once whoever computes it first. Two tables in the service's database
+(SQLite or PostgreSQL, ``mmcds.db``): one row per analysis with the assessment and the
+explanation as JSON, and one row per binary -- heatmaps as ``.npy`` bytes (read back with
+``allow_pickle=False``, so reading cannot run code) and overlays as PNG.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+from sqlalchemy import Column, DateTime, LargeBinary, MetaData, String, Table, Text, func, select
+from sqlalchemy.dialects import postgresql, sqlite
+
+from mmcds.db import create_tables, make_engine
+from mmcds.pipeline import Analysis
+from mmcds.records import (
+    EvidenceSpan,
+    Explanation,
+    ImageSaliency,
+    LabContribution,
+    ModalityShapley,
+)
+
+FORMAT = "mmcds-explanation-v1"
+
+
+@dataclass
+class StoredAnalysis:
+    identifier: str
+    patient_id: str
+    assessment: dict[str, Any]  # findings with probability, thresholds, level; model versions
+    explanation: Explanation
+    created_at: datetime | None
+
+
+def _tables(metadata: MetaData) -> tuple[Table, Table]:
+    analyses = Table(
+        "mmcds_analyses",
+        metadata,
+        Column("identifier", String(64), primary_key=True),
+        Column("patient_id", String(256), nullable=False, index=True),
+        Column("model_version", String(256), nullable=False),
+        Column("assessment", Text, nullable=False),
+        Column("explanation", Text, nullable=False),
+        Column("created_at", DateTime(timezone=True), server_default=func.now(), nullable=False),
+    )
+    blobs = Table(
+        "mmcds_analysis_blobs",
+        metadata,
+        Column("identifier", String(64), primary_key=True),
+        Column("name", String(512), primary_key=True),
+        Column("media_type", String(64), nullable=False),
+        Column("data", LargeBinary, nullable=False),
+    )
+    return analyses, blobs
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def _clean(value: float | None) -> float | None:
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+
+def assessment_dict(analysis: Analysis) -> dict[str, Any]:
+    a = analysis.assessment
+    return {
+        "model_id": a.model_id,
+        "model_version": a.model_version,
+        "trained": a.trained,
+        "calibration": a.calibration,
+        "modalities_used": list(a.modalities_used),
+        "findings": [
+            {
+                "finding": f.finding,
+                "probability": f.probability,
+                "warning_threshold": f.warning_threshold,
+                "critical_threshold": f.critical_threshold,
+                "level": str(f.level),
+            }
+            for f in a.findings
+        ],
+    }
+
+
+def _blob_name(s: ImageSaliency, kind: str) -> str:
+    return f"{kind}/{s.sop_uid}/{s.finding}/{s.method}"
+
+
+def explanation_json(explanation: Explanation) -> dict[str, Any]:
+    """JSON-safe form; heatmaps and overlays are referenced by blob name, stored apart."""
+    return {
+        "format": FORMAT,
+        "analysis_id": explanation.analysis_id,
+        "images": [
+            {
+                "sop_uid": s.sop_uid,
+                "finding": s.finding,
+                "method": s.method,
+                "boxes": [list(b) for b in s.boxes],
+                "heatmap": _blob_name(s, "heatmap"),
+                "overlay": _blob_name(s, "overlay") if s.overlay_png else None,
+            }
+            for s in explanation.images
+        ],
+        "evidence": [asdict(e) for e in explanation.evidence],
+        "labs": [
+            {
+                **asdict(c),
+                "time": _iso(c.time),
+                "ref_low": _clean(c.ref_low),
+                "ref_high": _clean(c.ref_high),
+            }
+            for c in explanation.labs
+        ],
+        "modalities": [asdict(m) for m in explanation.modalities],
+        "summary_line": explanation.summary_line,
+        "summary_markdown": explanation.summary_markdown,
+        "summary_html": explanation.summary_html,
+        "seconds": explanation.seconds,
+    }
+
+
+def explanation_from_json(data: dict[str, Any], blobs: dict[str, bytes]) -> Explanation:
+    if data.get("format") != FORMAT:
+        raise ValueError(f"stored explanation has format {data.get('format')!r}, expected {FORMAT}")
+    images = []
+    for s in data["images"]:
+        heat = np.load(io.BytesIO(blobs[s["heatmap"]]), allow_pickle=False)
+        boxes = [(int(b[0]), int(b[1]), int(b[2]), int(b[3]), float(b[4])) for b in s["boxes"]]
+        overlay = blobs.get(s["overlay"]) if s["overlay"] else None
+        images.append(ImageSaliency(s["sop_uid"], s["finding"], s["method"], heat, boxes, overlay))
+    labs = [
+        LabContribution(**{**c, "time": datetime.fromisoformat(c["time"]) if c["time"] else None})
+        for c in data["labs"]
+    ]
+    return Explanation(
+        analysis_id=data["analysis_id"],
+        images=images,
+        evidence=[EvidenceSpan(**e) for e in data["evidence"]],
+        labs=labs,
+        modalities=[ModalityShapley(**m) for m in data["modalities"]],
+        summary_line=data["summary_line"],
+        summary_markdown=data["summary_markdown"],
+        summary_html=data["summary_html"],
+        seconds=dict(data["seconds"]),
+    )
+
+
+class AnalysisStore:
+    """``put`` an analysis with its explanation, ``get`` it back by identifier."""
+
+    def __init__(self, url: str) -> None:
+        self.engine = make_engine(url, purpose="analysis store")
+        self.dialect = self.engine.dialect.name
+        self.analyses, self.blobs = _tables(MetaData())
+        create_tables(self.engine, self.analyses, self.blobs, purpose="analysis store")
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def _insert(self, table: Table, keys: list[str]) -> Any:
+        if self.dialect == "postgresql":
+            return postgresql.insert(table).on_conflict_do_nothing(index_elements=keys)
+        if self.dialect == "sqlite":
+            return sqlite.insert(table).on_conflict_do_nothing(index_elements=keys)
+        return table.insert()
+
+    def put(self, analysis: Analysis, explanation: Explanation) -> bool:
+        """Store both; False when this identifier was stored already (the first write wins:
+        an identifier fixes the inputs and model versions, so the explanation is the same)."""
+        if explanation.analysis_id != analysis.identifier:
+            raise ValueError("the explanation belongs to another analysis")
+        row = {
+            "identifier": analysis.identifier,
+            "patient_id": analysis.record.patient.id,
+            "model_version": analysis.assessment.model_version,
+            "assessment": json.dumps(assessment_dict(analysis)),
+            "explanation": json.dumps(explanation_json(explanation)),
+        }
+        blobs = []
+        for s in explanation.images:
+            blobs.append(
+                (_blob_name(s, "heatmap"), "application/x-npy", _npy(s.heatmap.astype(np.float32)))
+            )
+            if s.overlay_png:
+                blobs.append((_blob_name(s, "overlay"), "image/png", s.overlay_png))
+        with self.engine.begin() as conn:  # one transaction: never an analysis without its maps
+            # RETURNING says whether this writer inserted (rowcount is not portable here)
+            stmt = self._insert(self.analyses, ["identifier"]).returning(self.analyses.c.identifier)
+            if conn.execute(stmt, row).first() is None:
+                return False
+            if blobs:
+                conn.execute(
+                    self._insert(self.blobs, ["identifier", "name"]),
+                    [
+                        {"identifier": analysis.identifier, "name": n, "media_type": t, "data": d}
+                        for n, t, d in blobs
+                    ],
+                )
+        return True
+
+    def get(self, identifier: str) -> StoredAnalysis | None:
+        a, b = self.analyses, self.blobs
+        with self.engine.connect() as conn:
+            row = conn.execute(select(a).where(a.c.identifier == identifier)).first()
+            if row is None:
+                return None
+            blobs = {
+                r.name: bytes(r.data)
+                for r in conn.execute(
+                    select(b.c.name, b.c.data).where(b.c.identifier == identifier)
+                )
+            }
+        return StoredAnalysis(
+            identifier=row.identifier,
+            patient_id=row.patient_id,
+            assessment=json.loads(row.assessment),
+            explanation=explanation_from_json(json.loads(row.explanation), blobs),
+            created_at=row.created_at,
+        )
+
+    def overlay(self, identifier: str, sop_uid: str, finding: str, method: str) -> bytes | None:
+        """One overlay PNG, without loading the rest (the review page's image route)."""
+        b = self.blobs
+        name = f"overlay/{sop_uid}/{finding}/{method}"
+        with self.engine.connect() as conn:
+            data = conn.execute(
+                select(b.c.data).where(b.c.identifier == identifier, b.c.name == name)
+            ).scalar_one_or_none()
+        return bytes(data) if data is not None else None

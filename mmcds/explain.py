@@ -1,0 +1,152 @@
+"""The explain stage: an ``Analysis`` -> an ``Explanation`` (saliency, evidence, contributions,
+summary), computed once per analysis and stored with it (``mmcds.analysis_store``).
+
+Everything is measured against the same fusion model that produced the assessment, on the
+same encodings: no second classifier is explained in its place.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from datetime import datetime
+from typing import TypeVar
+
+import numpy as np
+import pandas as pd
+
+from mmcds.encoders.explain_image import image_saliency
+from mmcds.encoders.explain_text import evidence_spans
+from mmcds.encoders.labs import empty_lab_frame
+from mmcds.encoders.overlay import overlay_png
+from mmcds.findings import BY_NAME
+from mmcds.fusion.attribution import lab_shapley, modality_shapley
+from mmcds.fusion.model import FusionBatch, batch_from_encodings
+from mmcds.pipeline import Analysis, Pipeline
+from mmcds.records import (
+    Explanation,
+    ImageSaliency,
+    LabContribution,
+    ModalityShapley,
+)
+from mmcds.summary import summary_html, summary_line, summary_markdown
+
+T = TypeVar("T")
+
+
+def _timed(seconds: dict[str, float], name: str, fn: Callable[[], T]) -> T:
+    start = time.perf_counter()
+    try:
+        return fn()
+    finally:
+        seconds[name] = round(time.perf_counter() - start, 4)
+
+
+def _float(value: object) -> float | None:
+    try:
+        out = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(out) else out
+
+
+def _time(value: object) -> datetime | None:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, datetime):
+        return value
+    return pd.Timestamp(str(value)).to_pydatetime()
+
+
+def explain_modalities(pipeline: Pipeline, batch: FusionBatch) -> list[ModalityShapley]:
+    values, base, full = modality_shapley(pipeline.fusion, batch)
+    return [
+        ModalityShapley(
+            finding=name,
+            values={m: float(v[f]) for m, v in values.items()},
+            base=float(base[f]),
+            full=float(full[f]),
+        )
+        for f, name in enumerate(pipeline.fusion.config.findings)
+    ]
+
+
+def explain_labs(
+    pipeline: Pipeline, analysis: Analysis, batch: FusionBatch
+) -> list[LabContribution]:
+    enc = analysis.encodings.by_modality.get("labs")
+    if enc is None:
+        return []
+    feats = pipeline.labs.features(analysis.record.labs)
+    cap = pipeline.fusion.config.max_tokens["labs"]
+    names = list(enc.spans)[:cap]
+    measured = [i for i, name in enumerate(names) if feats.latest.get(name) is not None]
+    absent_tokens = pipeline.labs.encode(empty_lab_frame()).tokens
+    phi, _, _ = lab_shapley(pipeline.fusion, batch, absent_tokens, measured)
+    share = {pos: phi[j] for j, pos in enumerate(measured)}
+    out = []
+    for f, finding in enumerate(pipeline.fusion.config.findings):
+        for i, name in enumerate(names):
+            latest = feats.latest.get(name)
+            out.append(
+                LabContribution(
+                    finding=finding,
+                    lab=name,
+                    value=_float(latest.value) if latest else None,
+                    unit=latest.unit if latest else None,
+                    time=_time(latest.time) if latest else None,
+                    ref_low=_float(latest.ref_low) if latest else None,
+                    ref_high=_float(latest.ref_high) if latest else None,
+                    contribution=float(share[i][f]) if i in share else 0.0,
+                    interpretation=(latest.interpretation or None) if latest else None,
+                )
+            )
+    return out
+
+
+def explain_images(
+    pipeline: Pipeline, analysis: Analysis, batch: FusionBatch, overlays: bool
+) -> list[ImageSaliency]:
+    if "image" not in analysis.encodings.by_modality:
+        return []
+    images = analysis.record.images
+    maps = image_saliency(pipeline.cnn, pipeline.vit, pipeline.fusion, batch, images)
+    if overlays:
+        by_uid = {im.sop_uid: im for im in images}
+        for s in maps:
+            title = f"{BY_NAME[s.finding].display} - {s.method}"
+            s.overlay_png = overlay_png(by_uid[s.sop_uid].pixels, s.heatmap, s.boxes, title)
+    return maps
+
+
+def explain(pipeline: Pipeline, analysis: Analysis, *, overlays: bool = True) -> Explanation:
+    """Explain every finding of ``analysis`` with the pipeline's own models."""
+    fusion = pipeline.fusion
+    batch = batch_from_encodings(fusion.config, [analysis.encodings])
+    seconds: dict[str, float] = {}
+    out = Explanation(analysis_id=analysis.identifier, seconds=seconds)
+    start = time.perf_counter()
+    out.modalities = _timed(seconds, "modalities", lambda: explain_modalities(pipeline, batch))
+    out.labs = _timed(seconds, "labs", lambda: explain_labs(pipeline, analysis, batch))
+    out.images = _timed(
+        seconds, "images", lambda: explain_images(pipeline, analysis, batch, overlays)
+    )
+    text = analysis.encodings.by_modality.get("text")
+    if text is not None:
+        out.evidence = _timed(
+            seconds,
+            "text",
+            lambda: evidence_spans(pipeline.text, fusion, batch, analysis.record.notes, text.spans),
+        )
+    out.summary_line = summary_line(analysis)
+    out.summary_markdown = summary_markdown(analysis, out)
+    out.summary_html = summary_html(analysis, out)
+    seconds["total"] = round(time.perf_counter() - start, 4)
+    return out
+
+
+def heatmap_stats(s: ImageSaliency) -> dict[str, float]:
+    """Peak location of a heatmap, in original pixels (for logs and the review page)."""
+    y, x = np.unravel_index(int(np.argmax(s.heatmap)), s.heatmap.shape)
+    return {"peak_x": float(x), "peak_y": float(y), "peak": float(s.heatmap.max())}

@@ -1,0 +1,212 @@
+"""The diagnosis-support summary, built from templates (no generative model: every sentence can
+be traced to a number in the analysis or the explanation).
+
+Three renderings of the same content: a line under 140 characters for the card's ``summary``,
+Markdown for the card's ``detail`` and HTML for the DiagnosticReport's ``presentedForm``. Each
+always says it is preliminary, what was missing and what the model cannot do.
+
+Probability words are tied to the calibrated operating points, not to fixed cut-offs: "high
+probability" at or above the high-specificity (critical) threshold, "moderate probability"
+between the warning and the critical threshold, "low probability" below the warning threshold.
+"""
+
+from __future__ import annotations
+
+import html
+from collections import Counter
+from dataclasses import dataclass
+
+from mmcds.findings import BY_NAME
+from mmcds.pipeline import Analysis
+from mmcds.records import Explanation, FindingScore, LabContribution, Level
+
+LINE_LIMIT = 140
+MODALITY_WORDS = {"image": "imaging", "text": "notes", "labs": "labs"}
+LIMITS = (
+    "Decision support only: preliminary until a clinician reviews it. Trained on a synthetic "
+    "cohort; performance at a new site must be checked locally. Heatmaps and evidence show what "
+    "moved the model's score, not proof of disease; absence of a flag does not rule a finding out."
+)
+UNTRAINED = "UNTRAINED model: its scores are random and carry no clinical meaning."
+
+
+def probability_words(score: FindingScore) -> str:
+    if score.level == Level.critical:
+        return "high probability"
+    if score.level == Level.warning:
+        return "moderate probability"
+    return "low probability"
+
+
+def _word(score: FindingScore) -> str:
+    return probability_words(score).split()[0]
+
+
+def _percent(p: float) -> str:
+    return "<1%" if p < 0.01 else f"{p * 100:.0f}%"
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """The top evidence for one finding, one short phrase per modality."""
+
+    image: str | None
+    text: str | None
+    labs: str | None
+    weights: str | None
+
+
+def _quote(text: str, limit: int = 90) -> str:
+    flat = " ".join(text.split())
+    return f"“{flat if len(flat) <= limit else flat[: limit - 1] + '…'}”"
+
+
+def _lab_phrase(c: LabContribution) -> str:
+    unit = c.unit or ""
+    shown = f"{c.value:.3g} {unit}".strip() if c.value is not None else "not measured"
+    lo, hi = c.ref_low, c.ref_high
+    ref = f" (ref {lo:.3g}–{hi:.3g})" if lo is not None and hi is not None else ""
+    return f"{c.lab} {shown}{ref} {c.contribution * 100:+.0f} points"
+
+
+def evidence_for(explanation: Explanation, finding: str) -> Evidence:
+    heat = [s for s in explanation.images if s.finding == finding and s.boxes]
+    image = None
+    if heat:
+        best = max(heat, key=lambda s: s.boxes[0][4] if s.method.endswith("cnn") else -1.0)
+        x0, y0, x1, y1, _ = best.boxes[0]
+        h, w = best.heatmap.shape
+        vertical = (
+            "upper" if (y0 + y1) / 2 < h / 3 else "lower" if (y0 + y1) / 2 > 2 * h / 3 else "mid"
+        )
+        # image left is the patient's right on a frontal (PA/AP) film
+        side = "right" if (x0 + x1) / 2 < w / 2 else "left"
+        image = f"{vertical} {side} hemithorax region (box {x0},{y0}–{x1},{y1})"
+    spans = [e for e in explanation.evidence if e.finding == finding]
+    text = _quote(spans[0].text) if spans else None
+    labs = sorted(
+        (c for c in explanation.labs if c.finding == finding and c.contribution > 0),
+        key=lambda c: -c.contribution,
+    )
+    lab = "; ".join(_lab_phrase(c) for c in labs[:2]) or None
+    shap = next((m for m in explanation.modalities if m.finding == finding), None)
+    weights = None
+    if shap is not None:
+        weights = ", ".join(
+            f"{MODALITY_WORDS[m]} {v * 100:+.0f}"
+            for m, v in sorted(shap.values.items(), key=lambda kv: -abs(kv[1]))
+        )
+    return Evidence(image, text, lab, weights)
+
+
+def _flagged(analysis: Analysis) -> list[FindingScore]:
+    a = analysis.assessment
+    if not a.trained:
+        return []
+    return sorted((f for f in a.findings if f.level != Level.info), key=lambda f: -f.probability)
+
+
+def _missing(analysis: Analysis) -> list[str]:
+    rec, used = analysis.record, set(analysis.assessment.modalities_used)
+    lines = [
+        f"no {MODALITY_WORDS[m]} available" for m in ("image", "text", "labs") if m not in used
+    ]
+    grouped = Counter((m.modality, m.reason) for m in rec.missing)
+    lines += [
+        f"{MODALITY_WORDS.get(mod, mod)}: {reason}" + (f" (×{n})" if n > 1 else "")
+        for (mod, reason), n in grouped.items()
+    ]
+    return lines
+
+
+def summary_line(analysis: Analysis) -> str:
+    """Under 140 characters; names the flagged findings in words and numbers."""
+    if not analysis.assessment.trained:
+        text = "AI summary (UNTRAINED model, no clinical meaning): review inputs manually"
+    else:
+        flagged = _flagged(analysis)
+        if flagged:
+            parts = [
+                f"{BY_NAME[f.finding].display} {_word(f)} ({_percent(f.probability)})"
+                for f in flagged[:3]
+            ]
+            text = "AI (preliminary): " + ", ".join(parts)
+        else:
+            text = "AI (preliminary): no finding above threshold"
+        if any(m not in analysis.assessment.modalities_used for m in ("image", "text", "labs")):
+            text += "; inputs incomplete"
+    return text if len(text) < LINE_LIMIT else text[: LINE_LIMIT - 2] + "…"
+
+
+def summary_markdown(analysis: Analysis, explanation: Explanation) -> str:
+    a = analysis.assessment
+    lines = [f"**{UNTRAINED}**", ""] if not a.trained else []
+    lines += ["Preliminary AI decision support; the clinician decides.", ""]
+    flagged = _flagged(analysis)
+    if a.trained and not flagged:
+        lines += ["No finding above its alert threshold.", ""]
+    for f in flagged or ([] if a.trained else a.findings):
+        ev = evidence_for(explanation, f.finding)
+        words = probability_words(f) if a.trained else "score"
+        lines.append(f"**{BY_NAME[f.finding].display}**: {words} ({_percent(f.probability)})")
+        for label, value in (
+            ("Image", ev.image),
+            ("Notes", ev.text),
+            ("Labs", ev.labs),
+            ("Weight by input (points)", ev.weights),
+        ):
+            if value:
+                lines.append(f"- {label}: {value}")
+        lines.append("")
+    others = [f for f in a.findings if f not in flagged] if a.trained else []
+    if others:
+        lines.append(
+            "Below threshold: "
+            + ", ".join(f"{BY_NAME[f.finding].display} {_percent(f.probability)}" for f in others)
+            + "."
+        )
+        lines.append("")
+    missing = _missing(analysis)
+    if missing:
+        lines += ["**Not available to the model:**", *[f"- {m}" for m in missing], ""]
+    lines.append(f"_Limits:_ {LIMITS}")
+    lines.append(f"Model {a.model_id} {a.model_version}, calibration: {a.calibration}.")
+    return "\n".join(lines)
+
+
+def summary_html(analysis: Analysis, explanation: Explanation) -> str:
+    a = analysis.assessment
+    esc = html.escape
+    parts = ["<div><h2>AI diagnosis-support summary (preliminary)</h2>"]
+    if not a.trained:
+        parts.append(f"<p><strong>{esc(UNTRAINED)}</strong></p>")
+    flagged = _flagged(analysis)
+    if a.trained and not flagged:
+        parts.append("<p>No finding above its alert threshold.</p>")
+    for f in flagged or ([] if a.trained else a.findings):
+        ev = evidence_for(explanation, f.finding)
+        words = probability_words(f) if a.trained else "score"
+        parts.append(
+            f"<h3>{esc(BY_NAME[f.finding].display)}: {esc(words)} "
+            f"({esc(_percent(f.probability))})</h3><ul>"
+        )
+        for label, value in (
+            ("Image", ev.image),
+            ("Notes", ev.text),
+            ("Labs", ev.labs),
+            ("Weight by input (points)", ev.weights),
+        ):
+            if value:
+                parts.append(f"<li><b>{esc(label)}:</b> {esc(value)}</li>")
+        parts.append("</ul>")
+    missing = _missing(analysis)
+    if missing:
+        parts.append("<h3>Not available to the model</h3><ul>")
+        parts += [f"<li>{esc(m)}</li>" for m in missing]
+        parts.append("</ul>")
+    parts.append(f"<p><i>Limits:</i> {esc(LIMITS)}</p>")
+    parts.append(
+        f"<p>Model {esc(a.model_id)} {esc(a.model_version)}, "
+        f"calibration: {esc(a.calibration)}.</p></div>"
+    )
+    return "".join(parts)

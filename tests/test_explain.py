@@ -1,0 +1,300 @@
+"""Explanations: geometry, faithfulness sanity checks, exact Shapley sums, summary, storage.
+
+Models are the tiny local CNN/ViT, the real all-MiniLM-L6-v2 and a seeded, untrained fusion
+model: an explanation must be faithful to whatever model it explains, so these checks hold for
+random weights too. Figures on the trained model are in benchmarks/explain.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy.stats import spearmanr
+from sqlalchemy import delete
+
+from mmcds.analysis_store import AnalysisStore
+from mmcds.dataset import Example, iter_examples
+from mmcds.encoders.explain_image import CNN_METHOD, image_saliency, probe_geometry
+from mmcds.encoders.labs import empty_lab_frame
+from mmcds.explain import explain
+from mmcds.fusion.attribution import logits
+from mmcds.fusion.model import batch_from_encodings
+from mmcds.pipeline import Analysis, Pipeline
+from mmcds.records import (
+    Encodings,
+    Explanation,
+    FindingScore,
+    ModalityEncoding,
+    Note,
+)
+from mmcds.settings import Settings
+from mmcds.summary import LINE_LIMIT, summary_line, summary_markdown
+from mmcds.synth import generate_cohort
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
+    root = tmp_path_factory.mktemp("models")
+    settings = Settings(model_dir=root, database_url=f"sqlite:///{root / 'cache.db'}")
+    p = Pipeline.from_settings(settings)
+    p.cache = None  # the deletion test re-encodes edited notes; keep runs independent
+    return p
+
+
+@pytest.fixture(scope="module")
+def examples(tmp_path_factory: pytest.TempPathFactory) -> list[Example]:
+    out = tmp_path_factory.mktemp("cohort")
+    generate_cohort(out, patients=3, seed=5)
+    return list(iter_examples(out))
+
+
+@pytest.fixture(scope="module")
+def analysed(pipeline: Pipeline, examples: list[Example]) -> list[tuple[Analysis, Explanation]]:
+    out = []
+    for ex in examples:
+        analysis = pipeline.analyse(ex.record)
+        out.append((analysis, explain(pipeline, analysis)))
+    return out
+
+
+def test_geometry_matches_the_processors(pipeline: Pipeline) -> None:
+    # CNN: shortest edge -> 256, centre crop 224; so a 256 x 256 image loses 16 px each side
+    g = probe_geometry(pipeline.cnn, (256, 256))
+    assert g.input_hw == (224, 224)
+    assert g.scale_x == pytest.approx(1.0, abs=0.02) and g.offset_x == pytest.approx(16, abs=1)
+    # a 320 x 288 image: 288 -> 256 (scale 1.125), then the crop
+    g = probe_geometry(pipeline.cnn, (320, 288))
+    assert g.scale_x == pytest.approx(1.125, abs=0.02)
+    assert g.offset_x == pytest.approx(16 * 1.125, abs=1.5)
+    assert g.offset_y == pytest.approx((320 - 224 * 1.125) / 2, abs=1.5)
+    # ViT: plain resize to 224 x 224, nothing cropped
+    g = probe_geometry(pipeline.vit, (320, 288))
+    assert g.scale_y == pytest.approx(320 / 224, abs=0.02)
+    assert g.scale_x == pytest.approx(288 / 224, abs=0.02)
+
+
+def test_heatmaps_boxes_and_overlays_on_the_original_grid(
+    analysed: list[tuple[Analysis, Explanation]],
+) -> None:
+    for analysis, exp in analysed:
+        shapes = {im.sop_uid: im.pixels.shape for im in analysis.record.images}
+        findings = analysis.assessment.findings
+        assert len(exp.images) == 2 * len(shapes) * len(findings)
+        for s in exp.images:
+            h, w = shapes[s.sop_uid]
+            assert s.heatmap.shape == (h, w) and s.heatmap.dtype == np.float32
+            assert s.heatmap.min() >= 0.0 and s.heatmap.max() <= 1.0
+            assert s.boxes, "a non-zero heatmap has at least one region"
+            for x0, y0, x1, y1, score in s.boxes:
+                assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h and 0 < score <= 1
+            assert s.overlay_png is not None
+            png = Image.open(io.BytesIO(s.overlay_png))
+            assert png.format == "PNG" and png.size[1] >= h and png.size[0] > w
+
+
+def test_randomised_cnn_changes_the_heatmaps(
+    pipeline: Pipeline, analysed: list[tuple[Analysis, Explanation]]
+) -> None:
+    """Adebayo et al. 2018: a saliency method that ignores the weights is an edge detector."""
+    random_cnn = copy.copy(pipeline.cnn)
+    random_cnn.model = copy.deepcopy(pipeline.cnn.model)
+    torch.manual_seed(123)
+    with torch.no_grad():
+        for p in random_cnn.model.parameters():
+            p.normal_(0.0, 0.1) if p.dim() > 1 else None
+    rhos = []
+    for analysis, exp in analysed:
+        batch = batch_from_encodings(pipeline.fusion.config, [analysis.encodings])
+        after = image_saliency(
+            random_cnn, pipeline.vit, pipeline.fusion, batch, analysis.record.images
+        )
+        before = {(s.sop_uid, s.finding): s.heatmap for s in exp.images if s.method == CNN_METHOD}
+        for s in after:
+            if s.method == CNN_METHOD:
+                old = before[(s.sop_uid, s.finding)]
+                if old.std() == 0 or s.heatmap.std() == 0:  # a flat map: no shared ordering
+                    rhos.append(0.0)
+                    continue
+                rhos.append(float(spearmanr(old.ravel(), s.heatmap.ravel())[0]))
+    # the bound: heatmaps share at most a weak ordering (the crop border is 0 in both)
+    assert float(np.mean(rhos)) < 0.5, rhos
+
+
+def test_modality_shapley_sums_to_full_minus_empty(
+    pipeline: Pipeline, analysed: list[tuple[Analysis, Explanation]]
+) -> None:
+    empty = pipeline.fusion.predict_proba([Encodings()])[0]
+    for analysis, exp in analysed:
+        full = [f.probability for f in analysis.assessment.findings]
+        for i, m in enumerate(exp.modalities):
+            assert sum(m.values.values()) == pytest.approx(m.full - m.base, abs=1e-9)
+            assert m.full == pytest.approx(full[i], abs=1e-5)
+            assert m.base == pytest.approx(float(empty[i]), abs=1e-5)
+
+
+def test_lab_contributions_sum_to_the_labs_effect(
+    pipeline: Pipeline, analysed: list[tuple[Analysis, Explanation]]
+) -> None:
+    for analysis, exp in analysed:
+        labs = analysis.encodings.by_modality["labs"]
+        unmeasured = dataclasses.replace(
+            labs, tokens=pipeline.labs.encode(empty_lab_frame()).tokens
+        )
+        without = Encodings({**analysis.encodings.by_modality, "labs": unmeasured})
+        p_without = pipeline.fusion.predict_proba([without])[0]
+        for i, f in enumerate(analysis.assessment.findings):
+            rows = [c for c in exp.labs if c.finding == f.finding]
+            assert sum(c.contribution for c in rows) == pytest.approx(
+                f.probability - p_without[i], abs=1e-5
+            )
+            for c in rows:
+                if c.value is None:
+                    assert c.contribution == 0.0 and c.unit is None
+                else:
+                    assert c.unit and c.time is not None
+
+
+def test_evidence_offsets_return_the_quoted_text(
+    analysed: list[tuple[Analysis, Explanation]],
+) -> None:
+    seen = 0
+    for analysis, exp in analysed:
+        notes = {n.reference: n.text for n in analysis.record.notes}
+        for span in exp.evidence:
+            assert notes[span.note_ref][span.start : span.end] == span.text
+            assert span.text.strip() == span.text and span.score > 0
+            seen += 1
+    assert seen > 0
+
+
+def _text_logits(
+    pipeline: Pipeline, analysis: Analysis, notes: list[Note], memo: dict[str, np.ndarray]
+) -> np.ndarray:
+    """Finding logits after re-encoding edited notes (unchanged chunks reuse their embedding)."""
+    chunks = pipeline.text.chunks(notes)
+    todo = [c for c in chunks if c.text not in memo]
+    for c, vec in zip(todo, pipeline.text.embed_chunks(todo), strict=True):
+        memo[c.text] = vec
+    old = analysis.encodings.by_modality["text"]
+    tokens = np.stack([memo[c.text] for c in chunks]).astype(np.float32)
+    text = ModalityEncoding(
+        "text", tokens, [c.span for c in chunks], old.model_id, old.input_hashes
+    )
+    enc = Encodings({**analysis.encodings.by_modality, "text": text})
+    return logits(pipeline.fusion, batch_from_encodings(pipeline.fusion.config, [enc])).numpy()[0]
+
+
+def _delete(notes: list[Note], cuts: dict[str, list[tuple[int, int]]]) -> list[Note]:
+    out = []
+    for n in notes:
+        keep = np.ones(len(n.text), bool)
+        for a, b in cuts.get(n.reference, []):
+            keep[a:b] = False
+        text = "".join(ch for ch, k in zip(n.text, keep, strict=True) if k)
+        out.append(Note(text, n.reference, n.note_type, n.date))
+    return out
+
+
+def test_deleting_top_evidence_lowers_the_score_more_than_random_spans(
+    pipeline: Pipeline, analysed: list[tuple[Analysis, Explanation]]
+) -> None:
+    rng = np.random.default_rng(0)
+    top_drops, random_drops = [], []
+    for analysis, exp in analysed:
+        notes = analysis.record.notes
+        memo: dict[str, np.ndarray] = {}
+        base = _text_logits(pipeline, analysis, notes, memo)
+        for f, finding in enumerate(pipeline.fusion.config.findings):
+            spans = [e for e in exp.evidence if e.finding == finding][:3]
+            if not spans:
+                continue
+            cuts: dict[str, list[tuple[int, int]]] = {}
+            for s in spans:
+                cuts.setdefault(s.note_ref, []).append((s.start, s.end))
+            top_drops.append(
+                base[f] - _text_logits(pipeline, analysis, _delete(notes, cuts), memo)[f]
+            )
+            for _ in range(3):  # random spans of the same lengths, anywhere in the notes
+                rand: dict[str, list[tuple[int, int]]] = {}
+                for s in spans:
+                    note = notes[int(rng.integers(len(notes)))]
+                    length = min(s.end - s.start, len(note.text))
+                    a = int(rng.integers(0, len(note.text) - length + 1))
+                    rand.setdefault(note.reference, []).append((a, a + length))
+                random_drops.append(
+                    base[f] - _text_logits(pipeline, analysis, _delete(notes, rand), memo)[f]
+                )
+    assert top_drops, "no evidence to delete"
+    assert np.mean(top_drops) > 0
+    assert np.mean(top_drops) > np.mean(random_drops), (top_drops, random_drops)
+
+
+def test_summary_words_follow_the_operating_points(
+    analysed: list[tuple[Analysis, Explanation]],
+) -> None:
+    analysis, exp = analysed[0]
+    assert "UNTRAINED" in summary_line(analysis) and len(summary_line(analysis)) < LINE_LIMIT
+    scores = [
+        FindingScore("pneumonia", 0.91, 0.3, 0.8),
+        FindingScore("heart_failure", 0.45, 0.3, 0.8),
+        FindingScore("pleural_effusion", 0.05, 0.3, 0.8),
+        FindingScore("pneumothorax", 0.02, 0.3, 0.8),
+    ]
+    assessment = dataclasses.replace(
+        analysis.assessment, findings=scores, trained=True, modalities_used=["image", "text"]
+    )
+    trained = Analysis(analysis.record, analysis.encodings, assessment)
+    line = summary_line(trained)
+    assert len(line) < LINE_LIMIT
+    assert "Pneumonia high (91%)" in line and "Heart failure moderate (45%)" in line
+    assert "Pleural" not in line and "inputs incomplete" in line
+    md = summary_markdown(trained, exp)
+    assert "**Pneumonia**: high probability (91%)" in md
+    assert "no labs available" in md and "preliminary" in md.lower() and "Limits" in md
+    assert "- Notes: “" in md and "- Weight by input (points):" in md
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_store_round_trip(
+    backend: str,
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    analysed: list[tuple[Analysis, Explanation]],
+) -> None:
+    url = (
+        f"sqlite:///{tmp_path / 'store.db'}"
+        if backend == "sqlite"
+        else request.getfixturevalue("postgres_url")
+    )
+    store = AnalysisStore(url)
+    analysis, exp = analysed[0]
+    with store.engine.begin() as conn:  # PostgreSQL outlives the test session
+        for table in (store.analyses, store.blobs):
+            conn.execute(delete(table).where(table.c.identifier == analysis.identifier))
+    assert store.get(analysis.identifier) is None
+    assert store.put(analysis, exp) is True
+    assert store.put(analysis, exp) is False
+    got = store.get(analysis.identifier)
+    assert got is not None and got.patient_id == analysis.record.patient.id
+    back = got.explanation
+    assert back.evidence == exp.evidence and back.modalities == exp.modalities
+    assert back.summary_html == exp.summary_html
+    assert [(c.lab, c.value, c.contribution) for c in back.labs] == [
+        (c.lab, c.value, c.contribution) for c in exp.labs
+    ]
+    for a, b in zip(back.images, exp.images, strict=True):
+        assert np.array_equal(a.heatmap, b.heatmap) and a.boxes == b.boxes
+        assert a.overlay_png == b.overlay_png
+    s = exp.images[0]
+    assert store.overlay(analysis.identifier, s.sop_uid, s.finding, s.method) == s.overlay_png
+    assert (
+        got.assessment["findings"][0]["probability"] == analysis.assessment.findings[0].probability
+    )
+    store.close()

@@ -1,0 +1,284 @@
+"""The fusion model, its training, calibration and evaluation.
+
+Most tests run on planted-signal encodings (random tokens with a known signal, built here), so a
+tiny model trains in seconds; the last one trains from a real generated cohort end to end.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mmcds.fusion.calibrate import (
+    Method,
+    fit_calibration,
+    operating_points,
+    sensitivity_threshold,
+    specificity_threshold,
+)
+from mmcds.fusion.data import EncodedSet, split_patients
+from mmcds.fusion.evaluate import evaluate
+from mmcds.fusion.metrics import auroc, ece
+from mmcds.fusion.model import FusionConfig, FusionModel, batch_from_encodings
+from mmcds.fusion.report_html import render
+from mmcds.fusion.train import TrainSettings, predict_logits, train_fusion
+from mmcds.records import MODALITIES, Encodings, ModalityEncoding
+
+FINDINGS = ["a", "b"]
+DIMS = {"image": 6, "text": 8, "labs": 5}
+
+
+def planted(n: int, seed: int, missing: float = 0.2) -> EncodedSet:
+    """Finding ``a`` needs image + text (each carries half the signal), ``b`` shows in labs.
+
+    Every modality is absent for a fraction ``missing`` of the patients.
+    """
+    rng = np.random.default_rng(seed)
+    y = (rng.random((n, 2)) < 0.4).astype(np.float32)
+    encs = []
+    for i in range(n):
+        enc = Encodings()
+        shift = {"image": 1.2 * y[i, 0], "text": 1.2 * y[i, 0], "labs": 1.5 * y[i, 1]}
+        for m in MODALITIES:
+            d = DIMS[m]
+            if rng.random() < missing:
+                continue
+            k = int(rng.integers(1, 4))
+            tokens = rng.normal(size=(k, d)).astype(np.float32)
+            tokens[:, 0] += shift[m]
+            enc.by_modality[m] = ModalityEncoding(m, tokens, [f"{m}{j}" for j in range(k)], m, [])
+        encs.append(enc)
+    sites: list[str | None] = ["A" if i % 2 else "B" for i in range(n)]
+    sex: list[str | None] = ["female" if i % 3 else "male" for i in range(n)]
+    bands: list[str | None] = ["18-39" if i % 4 else "65-79" for i in range(n)]
+    return EncodedSet([f"p{i:04d}" for i in range(n)], encs, y, FINDINGS, sites, sex, bands)
+
+
+def tiny_config() -> FusionConfig:
+    return FusionConfig(
+        findings=FINDINGS,
+        input_dims=dict(DIMS),
+        d_model=16,
+        n_heads=2,
+        dropout=0.0,
+        max_tokens={"image": 4, "text": 4, "labs": 4},
+    )
+
+
+@pytest.fixture(scope="module")
+def trained() -> tuple[FusionModel, EncodedSet, EncodedSet]:
+    train, val, test = planted(300, 1), planted(120, 2), planted(200, 3)
+    model, log = train_fusion(
+        tiny_config(), train, val, TrainSettings(epochs=15, patience=4, seed=0), progress=False
+    )
+    assert log.best_val_loss < log.history[0]["val_loss"]
+    return model, val, test
+
+
+def test_tiny_model_trains_in_seconds_and_beats_chance(trained: tuple) -> None:
+    model, _, test = trained
+    z = predict_logits(model, test.encodings)
+    for j in range(2):
+        assert auroc(test.labels[:, j], z[:, j]) > 0.8
+
+
+def test_fusion_beats_single_modalities_on_split_evidence(trained: tuple) -> None:
+    model, _, test = trained
+    both = auroc(test.labels[:, 0], predict_logits(model, test.encodings)[:, 0])
+    image = auroc(test.labels[:, 0], predict_logits(model, test.encodings, ["text", "labs"])[:, 0])
+    text = auroc(test.labels[:, 0], predict_logits(model, test.encodings, ["image", "labs"])[:, 0])
+    assert both > max(image, text) + 0.03
+    assert min(image, text) > 0.6  # one modality missing: degraded, not chance
+
+
+def test_missing_modality_values_do_not_change_the_output() -> None:
+    torch.manual_seed(0)
+    model = FusionModel(tiny_config()).eval()
+    items = planted(8, 5, missing=0.0).encodings
+    batch = batch_from_encodings(model.config, items)
+    batch.mask["text"][:] = False
+    before = model(batch)
+    batch.tokens["text"].normal_(mean=5.0, std=10.0)
+    after = model(batch)
+    assert torch.equal(before, after)
+    # and the masked modality is really out: changing a present modality does change the output
+    batch.tokens["image"].normal_()  # a LayerNorm ignores a shift
+    assert not torch.allclose(before, model(batch))
+
+
+def test_modality_dropout_hook_removes_a_modality_per_patient() -> None:
+    torch.manual_seed(0)
+    model = FusionModel(tiny_config()).eval()
+    items = planted(4, 6, missing=0.0).encodings
+    batch = batch_from_encodings(model.config, items)
+    drop = {"labs": torch.tensor([True, False, False, False])}
+    dropped = model(batch, drop=drop)
+    batch.mask["labs"][0] = False
+    assert torch.equal(dropped, model(batch))
+
+
+def test_save_load_round_trip_is_exact(trained: tuple, tmp_path: Path) -> None:
+    model, val, _ = trained
+    model.config.calibration = fit_calibration(
+        predict_logits(model, val.encodings), val.labels, FINDINGS, val.sites
+    ).to_json()
+    model.save_pretrained(tmp_path)
+    assert {"config.json", "model.safetensors", "README.md"} <= {p.name for p in tmp_path.iterdir()}
+    loaded = FusionModel.from_pretrained(tmp_path)
+    assert loaded.config == model.config
+    for (k, v), (k2, v2) in zip(
+        model.state_dict().items(), loaded.state_dict().items(), strict=True
+    ):
+        assert k == k2 and torch.equal(v, v2)
+    sites = val.sites[:20]
+    assert np.array_equal(
+        model.predict_proba(val.encodings[:20], sites),
+        loaded.predict_proba(val.encodings[:20], sites),
+    )
+
+
+def test_load_refuses_a_checkpoint_with_missing_weights(trained: tuple, tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    model, _, _ = trained
+    model.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    state.pop("heads.weight")
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(RuntimeError, match="heads.weight"):
+        FusionModel.from_pretrained(tmp_path)
+
+
+def test_calibration_lowers_ece_on_planted_miscalibration() -> None:
+    rng = np.random.default_rng(0)
+    n = 3000
+    true_logit = rng.normal(-0.5, 1.5, size=(n, 2))
+    y = (rng.random((n, 2)) < 1 / (1 + np.exp(-true_logit))).astype(float)
+    sites = ["A" if i % 2 else "B" for i in range(n)]
+    # over-confident everywhere, and site B's scores shifted (a prevalence/scanner shift)
+    offset = np.array([1.5 if s == "B" else 0.0 for s in sites])[:, None]
+    logits = 3.0 * true_logit + offset
+    fit, held = slice(0, 2000), slice(2000, n)
+    raw = 1 / (1 + np.exp(-logits[held]))
+    methods: tuple[Method, ...] = ("temperature", "platt")
+    for method in methods:
+        cal = fit_calibration(logits[fit], y[fit], FINDINGS, sites[:2000], method)
+        p = cal.apply(logits[held], sites[2000:])
+        for j in range(2):
+            assert ece(y[held, j], p[:, j]) < 0.5 * ece(y[held, j], raw[:, j])
+            if method == "platt":  # a scale alone cannot undo site B's offset
+                assert ece(y[held, j], p[:, j]) < 0.05
+    # temperature near the planted 3
+    cal = fit_calibration(logits[fit], y[fit], FINDINGS, None, "temperature")
+    assert 2.3 < cal.temperatures["a"] < 3.7
+    # the per-site bias absorbs site B's shift; the global calibrator cannot
+    cal = fit_calibration(logits[fit], y[fit], FINDINGS, sites[:2000], "platt")
+    held_sites = np.array(sites[2000:])
+    b = held_sites == "B"
+    local, glob = (
+        cal.apply(logits[held], sites[2000:]),
+        cal.apply(logits[held], sites[2000:], False),
+    )
+    assert ece(y[held][b, 0], local[b, 0]) < ece(y[held][b, 0], glob[b, 0])
+
+
+def test_operating_points_reach_their_targets_on_the_validation_set() -> None:
+    rng = np.random.default_rng(1)
+    y = (rng.random((500, 2)) < 0.3).astype(int)
+    p = np.clip(0.3 * y + rng.random((500, 2)) * 0.7, 0, 1)
+    warning, critical = operating_points(p, y, FINDINGS, 0.95, 0.95)
+    for j, f in enumerate(FINDINGS):
+        pos, neg = p[y[:, j] == 1, j], p[y[:, j] == 0, j]
+        assert np.mean(pos >= warning[f]) >= 0.95
+        assert np.mean(pos >= warning[f] + 1e-9) < 0.95 or warning[f] == pos.max()  # highest
+        assert np.mean(neg < critical[f]) >= 0.95 or critical[f] == warning[f]
+        assert critical[f] >= warning[f]
+    assert sensitivity_threshold(np.array([0.2, 0.9]), np.array([0, 0]), 0.95) > 1.0
+    assert specificity_threshold(np.array([0.1, 0.2, 0.3, 0.9]), np.array([0, 0, 0, 1]), 1.0) > 0.3
+
+
+def test_split_is_by_patient_deterministic_and_stratified() -> None:
+    keys = [f"k{i}" for i in range(200)]
+    sites = ["A" if i < 120 else "B" for i in range(200)]
+    one = split_patients(keys, sites, seed=3)
+    assert one == split_patients(list(reversed(keys)), list(reversed(sites)), seed=3)
+    assert one != split_patients(keys, sites, seed=4)
+    parts = [set(v) for v in one.values()]
+    assert sum(map(len, parts)) == 200 and len(set.union(*parts)) == 200
+    test_a = sum(k in one["test"] for k in keys[:120])
+    assert test_a == 24 and len(one["test"]) == 40  # 20% of each site
+    with pytest.raises(ValueError, match="unique"):
+        split_patients(["x", "x"], ["A", "A"], 0)
+
+
+def test_evaluate_reports_every_subset_site_and_subgroup(trained: tuple) -> None:
+    model, val, test = trained
+    cal = fit_calibration(predict_logits(model, val.encodings), val.labels, FINDINGS, val.sites)
+    model.config.calibration = cal.to_json()
+    model.config.warning_threshold, model.config.critical_threshold = operating_points(
+        cal.apply(predict_logits(model, val.encodings), val.sites), val.labels, FINDINGS
+    )
+    metrics = evaluate(model, test, n_boot=50)
+    assert set(metrics["subsets"]) == {
+        "image+text+labs",
+        "image+text",
+        "image+labs",
+        "text+labs",
+        "image",
+        "text",
+        "labs",
+    }
+    m = metrics["subsets"]["image+text+labs"]["a"]
+    assert m["auroc_ci"][0] <= m["auroc"] <= m["auroc_ci"][1]
+    for key in ("auprc", "ece", "brier"):
+        assert m[key] is not None
+    assert set(m["operating_points"]) == {"warning", "critical"}
+    assert set(metrics["sites"]) == {"A", "B"}
+    assert set(metrics["subgroups"]["sex"]) == {"female", "male"}
+    assert metrics["fusion_vs_best_single"]["a"]["best_single"] in ("image", "text")
+    assert metrics["site_shift"]["a"]["global"].keys() == {"A", "B"}
+    json.dumps(metrics)  # serialisable as metrics.json
+    page = render(metrics)
+    assert page.count("<svg") >= 4 * 2 + 2 and "Reliability: a" in page
+
+
+@pytest.mark.slow
+def test_train_and_evaluate_from_a_generated_cohort(tmp_path: Path) -> None:
+    """The CLI path end to end on a small real cohort: FHIR + DICOM in, model folder out, and
+    the pipeline then loads the fine-tuned encoders from it."""
+    from mmcds.fusion.pretrain import PretrainSettings
+    from mmcds.fusion.run import TrainOptions, evaluate_cohort, train_cohort
+    from mmcds.pipeline import Pipeline
+    from mmcds.settings import Settings
+    from mmcds.synth import generate_cohort
+
+    cohort = tmp_path / "cohort"
+    generate_cohort(cohort, patients=16, seed=11)
+    settings = Settings(model_dir=tmp_path / "models", database_url=f"sqlite:///{tmp_path}/c.db")
+    out = tmp_path / "model"
+    opts = TrainOptions(
+        seed=1,
+        pretrain_settings=PretrainSettings(epochs=1),
+        progress=False,
+        train_settings=TrainSettings(epochs=3),
+    )
+    info = train_cohort(cohort, out, settings, opts, echo=lambda s: None)
+    assert {"config.json", "model.safetensors", "README.md", "lab_encoder.json"} <= {
+        p.name for p in out.iterdir()
+    }
+    config = FusionModel.from_pretrained(out).config
+    assert config.trained and config.calibration and config.warning_threshold
+    assert set(info["split"]["test"]).isdisjoint(info["split"]["train"] + info["split"]["val"])
+    assert "fine-tuned" in (out / "README.md").read_text()
+    pipe = Pipeline.from_settings(settings.model_copy(update={"fusion_model": str(out)}))
+    assert pipe.cnn.model_id.startswith("cnn@") and pipe.vit.model_id.startswith("vit@")
+    assert config.encoder_ids["image"] == f"{pipe.cnn.model_id}+{pipe.vit.model_id}"
+    metrics = evaluate_cohort(
+        out, cohort, tmp_path / "report", settings, n_boot=20, progress=False, echo=lambda s: None
+    )
+    assert metrics["data"]["patients"] == len(info["split"]["test"])
+    assert (tmp_path / "report" / "report.html").stat().st_size > 1000
