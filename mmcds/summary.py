@@ -55,6 +55,16 @@ class Evidence:
     labs: str | None
     weights: str | None
 
+    def rows(self) -> list[tuple[str, str]]:
+        """(label, phrase) for the modalities that have evidence, in reading order."""
+        rows = (
+            ("Image", self.image),
+            ("Notes", self.text),
+            ("Labs", self.labs),
+            ("Weight by input (points)", self.weights),
+        )
+        return [(label, value) for label, value in rows if value]
+
 
 def _quote(text: str, limit: int = 90) -> str:
     flat = " ".join(text.split())
@@ -149,14 +159,7 @@ def summary_markdown(analysis: Analysis, explanation: Explanation) -> str:
         ev = evidence_for(explanation, f.finding)
         words = probability_words(f) if a.trained else "score"
         lines.append(f"**{BY_NAME[f.finding].display}**: {words} ({_percent(f.probability)})")
-        for label, value in (
-            ("Image", ev.image),
-            ("Notes", ev.text),
-            ("Labs", ev.labs),
-            ("Weight by input (points)", ev.weights),
-        ):
-            if value:
-                lines.append(f"- {label}: {value}")
+        lines += [f"- {label}: {value}" for label, value in ev.rows()]
         lines.append("")
     others = [f for f in a.findings if f not in flagged] if a.trained else []
     if others:
@@ -190,14 +193,7 @@ def summary_html(analysis: Analysis, explanation: Explanation) -> str:
             f"<h3>{esc(BY_NAME[f.finding].display)}: {esc(words)} "
             f"({esc(_percent(f.probability))})</h3><ul>"
         )
-        for label, value in (
-            ("Image", ev.image),
-            ("Notes", ev.text),
-            ("Labs", ev.labs),
-            ("Weight by input (points)", ev.weights),
-        ):
-            if value:
-                parts.append(f"<li><b>{esc(label)}:</b> {esc(value)}</li>")
+        parts += [f"<li><b>{esc(label)}:</b> {esc(value)}</li>" for label, value in ev.rows()]
         parts.append("</ul>")
     missing = _missing(analysis)
     if missing:

@@ -1,6 +1,6 @@
 """Text encoder throughput: chunks/s and notes/s with the real all-MiniLM-L6-v2.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python tests/bench/bench_text.py [--repeats 3]
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/text.py [--repeats 3]
 
 Chunks are built from a long synthetic progress note at 512 and 256 tokens (the latter is what
 sentence-transformers runs MiniLM at); figures are medians over repeats, printed, never asserted.

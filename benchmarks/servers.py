@@ -1,6 +1,6 @@
 """Start-up time, memory and Synthea load time of the test servers.
 
-    .venv/bin/python tests/bench/bench_servers.py [--repeat 3]
+    .venv/bin/python benchmarks/servers.py [--repeat 3]
 
 Prints figures for the README; never a timed assertion in the test suite.
 """
