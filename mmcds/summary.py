@@ -6,8 +6,10 @@ Markdown for the card's ``detail`` and HTML for the DiagnosticReport's ``present
 always says it is preliminary, what was missing and what the model cannot do.
 
 Probability words are tied to the calibrated operating points, not to fixed cut-offs: "high
-probability" at or above the high-specificity (critical) threshold, "moderate probability"
-between the warning and the critical threshold, "low probability" below the warning threshold.
+probability" at or above the high-specificity (critical) threshold; "possible" between the
+warning and the critical threshold (the warning point is set for high sensitivity, so a flagged
+finding can still have a low probability: "moderate" would overstate it); "low probability"
+below the warning threshold.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ def probability_words(score: FindingScore) -> str:
     if score.level == Level.critical:
         return "high probability"
     if score.level == Level.warning:
-        return "moderate probability"
+        return "possible"
     return "low probability"
 
 
