@@ -97,7 +97,7 @@ def evidence_for(explanation: Explanation, finding: str) -> Evidence:
     spans = [e for e in explanation.evidence if e.finding == finding]
     text = _quote(spans[0].text) if spans else None
     labs = sorted(
-        (c for c in explanation.labs if c.finding == finding and c.contribution > 0),
+        (c for c in explanation.labs if c.finding == finding and c.contribution >= 0.005),
         key=lambda c: -c.contribution,
     )
     lab = "; ".join(_lab_phrase(c) for c in labs[:2]) or None
