@@ -7,23 +7,39 @@ Only a failure to read the Patient itself is fatal.
 
 from __future__ import annotations
 
+import base64
 import logging
 from dataclasses import dataclass
 from datetime import date
 from typing import Any
 
-from mmcds.encoders.dicom import ImageDecodeError, decode_dicom
+from mmcds.encoders.dicom import ImageDecodeError, decode_bitmap, decode_dicom
 from mmcds.encoders.labs import observations_to_frame
-from mmcds.encoders.notes import NoteError, note_from_document_reference
+from mmcds.encoders.notes import (
+    NoteError,
+    note_from_document_reference,
+    notes_from_diagnostic_report,
+)
 from mmcds.encoders.quality import check_quality
 from mmcds.fhir.client import FhirClient, FhirError
 from mmcds.fhir.dicomweb import DicomWebClient, DicomWebError, InstanceRef
+from mmcds.fhir.report import REPORT_SYSTEM
 from mmcds.records import ImageInput, Missing, Note, Patient, PatientRecord
 
 log = logging.getLogger(__name__)
 
 # Radiographs the image encoders are meant for; other modalities are reported, not encoded.
 IMAGE_MODALITIES = {"CR", "DX", "DR"}
+BITMAP_TYPES = ("image/png", "image/jpeg")
+DCM_SYSTEM = "http://dicom.nema.org/resources/ontology/DCM"
+
+
+def _ai_generated(resource: dict[str, Any]) -> bool:
+    """Resources carrying the AIAST label were written by an AI (ours among them): reading them
+    back as evidence would feed the model its own output."""
+    labels = (resource.get("meta") or {}).get("security") or []
+    ours = any(i.get("system") == REPORT_SYSTEM for i in resource.get("identifier") or [])
+    return ours or any(tag.get("code") == "AIAST" for tag in labels)
 
 
 @dataclass(frozen=True)
@@ -100,11 +116,36 @@ def _gather_notes(fhir: FhirClient, subject: str, record: PatientRecord, limits:
             )
         except (NoteError, FhirError) as exc:
             record.missing.append(Missing("text", str(exc), ref))
+    notes += _report_narratives(fhir, subject, record, limits.max_notes - len(notes), limits)
     if len(docs) > limits.max_notes:
         record.missing.append(
             Missing("text", f"only the first {limits.max_notes} notes were read (MMCDS_MAX_NOTES)")
         )
     record.notes = sorted(notes, key=lambda n: (n.date is None, n.date))
+
+
+def _report_narratives(
+    fhir: FhirClient, subject: str, record: PatientRecord, room: int, limits: Limits
+) -> list[Note]:
+    """Narratives of DiagnosticReports (prior radiology reports...) as notes, ours excluded."""
+    if room <= 0:
+        return []
+    try:
+        reports = fhir.search("DiagnosticReport", {"patient": subject, "_count": "50"})
+    except FhirError as exc:
+        record.missing.append(Missing("text", f"reports unavailable: {exc}"))
+        return []
+    notes: list[Note] = []
+    for report in reports:
+        if _ai_generated(report) or report.get("status") == "entered-in-error":
+            continue
+        try:
+            notes += notes_from_diagnostic_report(
+                report, fhir.fetch_bytes, max_chars=limits.max_note_chars
+            )
+        except (NoteError, FhirError) as exc:
+            record.missing.append(Missing("text", str(exc), f"DiagnosticReport/{report.get('id')}"))
+    return notes[:room]
 
 
 def _gather_labs(fhir: FhirClient, subject: str, record: PatientRecord, limits: Limits) -> None:
@@ -153,7 +194,69 @@ def _gather_images(
             image = _load_instance(pacs, inst, ref, record, limits)
             if image is not None:
                 images.append(image)
+    images += _media_images(fhir, subject, record, limits, limits.max_images - len(images))
     record.images = images
+
+
+def _media_images(
+    fhir: FhirClient, subject: str, record: PatientRecord, limits: Limits, room: int
+) -> list[ImageInput]:
+    """PNG/JPEG radiographs attached as FHIR Media (inline or via Binary), ours excluded."""
+    if room <= 0:
+        return []
+    try:
+        media = fhir.search("Media", {"patient": subject, "status": "completed", "_count": "50"})
+    except FhirError as exc:
+        record.missing.append(Missing("image", f"media unavailable: {exc}"))
+        return []
+    images: list[ImageInput] = []
+    for item in media:
+        content = item.get("content") or {}
+        kind = str(content.get("contentType", "")).split(";")[0].strip().lower()
+        if _ai_generated(item) or kind not in BITMAP_TYPES:
+            continue
+        ref = f"Media/{item.get('id')}"
+        if len(images) >= room:
+            record.missing.append(Missing("image", f"more than {limits.max_images} images", ref))
+            break
+        modality = next(
+            (
+                c.get("code")
+                for c in (item.get("modality") or {}).get("coding") or []
+                if c.get("system") == DCM_SYSTEM
+            ),
+            None,
+        )
+        try:
+            data = (
+                base64.b64decode(content["data"])
+                if content.get("data")
+                else fhir.fetch_bytes(str(content.get("url", "")))
+            )
+            image = decode_bitmap(
+                data,
+                kind,
+                reference=ref,
+                max_pixels=limits.max_image_pixels,
+                modality=modality,
+                view=(item.get("view") or {}).get("text"),
+                body_part=(item.get("bodySite") or {}).get("text"),
+            )
+        except (FhirError, ImageDecodeError, ValueError) as exc:
+            record.missing.append(Missing("image", f"{ref} undecodable: {exc}", ref))
+            continue
+        if _rejected(image, ref, record):
+            continue
+        images.append(image)
+    return images
+
+
+def _rejected(image: ImageInput, ref: str, record: PatientRecord) -> bool:
+    rejected = [q for q in check_quality(image) if q.severity == "reject"]
+    if rejected:
+        reasons = "; ".join(q.message for q in rejected)
+        record.missing.append(Missing("image", f"image {image.sop_uid} rejected: {reasons}", ref))
+    return bool(rejected)
 
 
 def _load_instance(
@@ -173,9 +276,4 @@ def _load_instance(
     except ImageDecodeError as exc:
         record.missing.append(Missing("image", f"image {inst.sop_uid} undecodable: {exc}", ref))
         return None
-    rejected = [q for q in check_quality(image) if q.severity == "reject"]
-    if rejected:
-        reasons = "; ".join(q.message for q in rejected)
-        record.missing.append(Missing("image", f"image {inst.sop_uid} rejected: {reasons}", ref))
-        return None
-    return image
+    return None if _rejected(image, ref, record) else image
