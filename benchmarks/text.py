@@ -15,8 +15,8 @@ from collections.abc import Callable
 from functools import partial
 
 import torch
-from mmcds.encoders.text import TextEncoder, chunk_note
 
+from mmcds.encoders.text import TextEncoder, chunk_note
 from mmcds.records import Note
 
 SENTENCES = [

@@ -19,7 +19,6 @@ from datetime import datetime
 
 import numpy as np
 import pydicom
-from mmcds.encoders.dicom_tags import acquired_at, first_number, int_tag, text_tag
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pydicom.dataset import Dataset
 from pydicom.encaps import get_frame
@@ -28,6 +27,7 @@ from pydicom.pixels import get_decoder
 from pydicom.pixels.processing import apply_modality_lut, apply_voi
 from pydicom.uid import UID
 
+from mmcds.encoders.dicom_tags import acquired_at, first_number, int_tag, text_tag
 from mmcds.records import ImageInput, content_hash
 
 DEFAULT_MAX_PIXELS = 40_000_000

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
-from mmcds.encoders.catalogue import BY_LOINC, LabSpec, to_canonical, ucum
 
+from mmcds.encoders.catalogue import BY_LOINC, LabSpec, to_canonical, ucum
 from mmcds.records import LAB_COLUMNS, Missing
 
 LOINC_SYSTEM = "http://loinc.org"

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
 from mmcds.encoders.catalogue import BY_NAME, LABS, LabSpec
 from mmcds.encoders.lab_frame import empty_lab_frame, observations_to_frame, parse_time
-
 from mmcds.records import LAB_COLUMNS, ModalityEncoding, content_hash
 
 __all__ = [

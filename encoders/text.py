@@ -21,9 +21,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from langchain_text_splitters import RecursiveCharacterTextSplitter
+
 from mmcds.encoders.checkpoint import CheckpointError, weight_files, weights_sha256
 from mmcds.encoders.sections import split_sections
-
 from mmcds.records import ModalityEncoding, Note
 
 DEFAULT_MODEL_LABEL = "all-MiniLM-L6-v2"

@@ -10,8 +10,6 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from mmcds.encoders.dicom import ImageDecodeError, decode_bitmap, decode_dicom, window_to_unit
-from mmcds.encoders.quality import check_quality, is_usable
 from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -19,6 +17,9 @@ from pydicom.encaps import encapsulate, get_frame
 from pydicom.pixels.processing import apply_windowing
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+from mmcds.encoders.dicom import ImageDecodeError, decode_bitmap, decode_dicom, window_to_unit
+from mmcds.encoders.quality import check_quality, is_usable
 
 JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
 

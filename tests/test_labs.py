@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+
 from mmcds.encoders.catalogue import BY_NAME, LABS, to_canonical
 from mmcds.encoders.labs import (
     FEATURE_NAMES,
@@ -17,7 +18,6 @@ from mmcds.encoders.labs import (
     frame_hash,
     observations_to_frame,
 )
-
 from mmcds.records import LAB_COLUMNS
 
 UCUM = "http://unitsofmeasure.org"

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from mmcds.encoders.notes import (
     NoteError,
     html_to_text,

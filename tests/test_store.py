@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from mmcds.encoders.labs import LabEncoder
 from sqlalchemy import create_engine, text
 
+from mmcds.encoders.labs import LabEncoder
 from mmcds.store import CacheError, EmbeddingCache
 
 

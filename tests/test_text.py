@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+
 from mmcds.encoders.checkpoint import CheckpointError
 from mmcds.encoders.sections import split_sections
 from mmcds.encoders.text import Chunk, TextEncoder, TextEncoderError, _fit, chunk_note
-from safetensors.torch import load_file, save_file
-
 from mmcds.records import Note
 
 PMH = (
