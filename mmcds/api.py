@@ -13,6 +13,7 @@ import threading
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -30,7 +31,7 @@ from mmcds.fhir.dicomweb import DicomWebClient
 from mmcds.fhir.gather import Limits, gather_patient
 from mmcds.fhir.report import report_bundle
 from mmcds.fhir.writeback import send_bundle
-from mmcds.fusion.model import default_card
+from mmcds.fusion.model import CARD_NAME, default_card
 from mmcds.outbox import Outbox, OutboxWorker
 from mmcds.pipeline import Pipeline
 from mmcds.records import content_hash
@@ -66,6 +67,20 @@ class HookRequest(BaseModel):
     fhirAuthorization: FhirAuthorization | None = None
     context: dict[str, Any] = Field(default_factory=dict)
     prefetch: dict[str, Any] | None = None
+
+
+async def _read_bounded(request: Request, limit: int) -> bytes | None:
+    """The body, or None once it exceeds ``limit`` bytes: stop reading rather than buffer an
+    attacker's gigabytes before saying no."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        return None
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            return None
+    return bytes(body)
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -107,10 +122,13 @@ def create_app(settings: Settings, pipeline: Pipeline | None = None) -> FastAPI:
     )
     model_card_url = f"{settings.public_base_url.rstrip('/')}/model-card"
 
+    pipeline_lock = threading.Lock()
+
     def get_pipeline() -> Pipeline:
-        if "p" not in state:
-            state["p"] = pipeline or Pipeline.from_settings(settings)
-        return state["p"]
+        with pipeline_lock:  # loading models twice on concurrent first calls would waste seconds
+            if "p" not in state:
+                state["p"] = pipeline or Pipeline.from_settings(settings)
+            return state["p"]
 
     @app.get("/cds-services")
     def discovery() -> dict[str, Any]:
@@ -122,6 +140,9 @@ def create_app(settings: Settings, pipeline: Pipeline | None = None) -> FastAPI:
 
     @app.get("/model-card", response_class=PlainTextResponse)
     def model_card() -> str:
+        card = Path(settings.fusion_model) / CARD_NAME if settings.fusion_model else None
+        if card is not None and card.is_file():  # the card `mmcds train` wrote with its metrics
+            return card.read_text(encoding="utf-8")
         return default_card(get_pipeline().fusion.config)
 
     @app.post("/cds-services/{service_id}")
@@ -129,8 +150,8 @@ def create_app(settings: Settings, pipeline: Pipeline | None = None) -> FastAPI:
         request_id = str(uuid.uuid4())
         if service_id not in SERVICES:
             return _error(404, f"unknown CDS service {service_id!r}; see GET /cds-services")
-        body = await request.body()
-        if len(body) > settings.max_request_bytes:
+        body = await _read_bounded(request, settings.max_request_bytes)
+        if body is None:
             return _error(413, f"request body over {settings.max_request_bytes} bytes")
         endpoint = f"{settings.public_base_url.rstrip('/')}/cds-services/{service_id}"
         try:

@@ -195,6 +195,9 @@ def test_bad_requests_get_clear_errors(
     unknown = call_hook(_request(fhir_url, "x"), service="no-such-service")
     assert unknown.status_code == 404
 
+    oversized = call_hook({**_request(fhir_url, "x"), "padding": "x" * 1_100_000})
+    assert oversized.status_code == 413
+
     foreign = call_hook({**_request(fhir_url, "x"), "fhirServer": "http://169.254.169.254/fhir"})
     assert foreign.status_code == 403
 
@@ -229,3 +232,5 @@ def test_fhir_server_down_gives_a_degraded_card_and_service_keeps_serving(
 def test_discovery_lists_the_patient_view_service(call_hook: HookCaller) -> None:
     services = call_hook.client.get("/cds-services").json()["services"]
     assert {"id": "mmcds-patient-view", "hook": "patient-view"}.items() <= services[0].items()
+    card = call_hook.client.get("/model-card")
+    assert card.status_code == 200 and "Intended use" in card.text
