@@ -33,7 +33,13 @@ from PIL import Image
 from scipy.stats import spearmanr
 
 from mmcds.dataset import Example, iter_examples
-from mmcds.encoders.explain_image import CNN_METHOD, VIT_METHOD, image_saliency
+from mmcds.encoders.explain_image import (
+    CNN_METHOD,
+    CNN_STAGES,
+    VIT_METHOD,
+    cnn_target,
+    image_saliency,
+)
 from mmcds.encoders.image import ImageEncoder
 from mmcds.encoders.labs import LabEncoder
 from mmcds.encoders.text import TextEncoder
@@ -117,6 +123,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
     ap.add_argument("--cache", help="embedding cache URL (speeds up re-runs)")
+    ap.add_argument(
+        "--cnn-target",
+        choices=("auto", "fusion"),
+        default="auto",
+        help="auto: the CNN's own head logit where it has one; fusion: the fusion logit",
+    )
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     if args.threads:
@@ -128,6 +140,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         data = Path(tempfile.mkdtemp()) / "cohort"
         generate_cohort(data, patients=args.patients, seed=args.seed)
     pipe = load_pipeline(args.model, args.cache)
+    if args.cnn_target == "fusion":
+        pipe.cnn.head = None  # explain_image then differentiates the fusion logit
     keys = test_keys(args.model)
     labelled = set(pd.read_csv(data / "labels.csv", dtype={"patient_key": str})["patient_key"])
     # a model trained on this cohort is scored on its test split; on another cohort, on all
@@ -193,6 +207,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "max": round(float(lat.max()), 3),
             "parts_p50": {k: round(float(np.median(v)), 3) for k, v in parts.items()},
         },
+        "cnn_explains": {f: cnn_target(pipe.cnn, f) for f in pipe.fusion.config.findings},
+        "cnn_stages": list(CNN_STAGES),
         "pointing_game": {m: {f: summarise(v) for f, v in by.items()} for m, by in hits.items()},
         "box_iou": {m: {f: summarise(v) for f, v in by.items()} for m, by in ious.items()},
         "randomisation_spearman": {m: summarise(v) for m, v in rho.items()},

@@ -1,15 +1,21 @@
-"""Image saliency through the fusion model: Grad-CAM for the CNN, grad-weighted rollout for the ViT.
+"""Image saliency: Grad-CAM for the CNN, grad-weighted rollout for the ViT through the fusion model.
 
-The fusion model's image token is the CNN embedding next to the ViT embedding, so a finding's
-logit is differentiable w.r.t. both backbones: the heatmaps say where in the image the *fused*
-score came from, not a separate classifier's. Both live on the model's input grid (after the
-checkpoint's resize and crop), so each is mapped back to the original pixel grid through the
-preprocessing geometry, probed once per image shape (``probe_geometry``) rather than re-derived
-from each processor's options.
+What each heatmap explains:
 
-- CNN: Grad-CAM (Selvaraju et al. 2017) on the last feature map. The tiny and the usual CXR CNNs
-  pool by global average, for which Grad-CAM equals HiResCAM (Draelos & Carin 2020), the
-  variant proven to show exactly the locations that raise the score.
+- CNN: the fine-tuned CNN's own classification logit for the finding (its checkpoint is the
+  ``ResNetForImageClassification`` that ``fusion/pretrain.py`` trained on the training split's
+  images and labels; the fusion model embeds with the same backbone). The fusion logit reaches
+  the CNN only through one pooled vector, next to the ViT's and the other modalities, and its
+  gradient localised worse (``mmcds/EXPLAIN_RESULTS.md``). A CNN without a head for the finding
+  (a plain backbone) falls back to the fusion logit. Grad-CAM (Selvaraju et al. 2017) on the
+  chosen stage outputs (``CNN_STAGES``); the tiny and the usual CXR CNNs pool by global
+  average, for which Grad-CAM on the last map equals HiResCAM (Draelos & Carin 2020).
+- ViT: the fusion logit, differentiated through the image token.
+
+Both live on the model's input grid (after the checkpoint's resize and any crop), so each is
+mapped back to the original pixel grid through the preprocessing geometry, probed once per image
+shape (``probe_geometry``) rather than re-derived from each processor's options.
+
 - ViT: gradient-weighted attention rollout (Chefer et al. 2021): per layer the positive part of
   gradient x attention, averaged over heads, accumulated as ``R <- R + A R`` from identity.
 """
@@ -33,6 +39,7 @@ CNN_METHOD = "gradcam-cnn"
 VIT_METHOD = "grad-rollout-vit"
 BOX_THRESHOLD = 0.5  # a region is where the heatmap is at least half its maximum
 MAX_BOXES = 3
+CNN_STAGES = (-1,)  # ResNet stage outputs Grad-CAM uses (see image_saliency)
 
 
 @dataclass(frozen=True)
@@ -145,6 +152,26 @@ def _rollout(
     return row.reshape(n_img, *grid)
 
 
+def _norm_maps(maps: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Product of per-image max-normalised maps, each upsampled to the finest grid."""
+    size = max((m.shape[-2:] for m in maps), key=lambda hw: hw[0] * hw[1])
+    out = None
+    for m in maps:
+        up = F.interpolate(m[:, None], size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
+        top = up.flatten(1).max(dim=1).values.clamp(min=1e-12)[:, None, None]
+        up = up / top
+        out = up if out is None else out * up
+    assert out is not None
+    return out
+
+
+def cnn_target(cnn: ImageEncoder, finding: str) -> str:
+    """What the CNN heatmap for ``finding`` explains: ``"head"`` (the fine-tuned CNN's own
+    logit for that finding) when the checkpoint has a classification head naming it, otherwise
+    ``"fusion"`` (the fusion model's logit through the image token)."""
+    return "head" if cnn.head is not None and finding in cnn.labels else "fusion"
+
+
 def image_saliency(
     cnn: ImageEncoder,
     vit: ImageEncoder,
@@ -152,10 +179,18 @@ def image_saliency(
     batch: FusionBatch,
     images: Sequence[ImageInput],
     findings: Sequence[int] | None = None,
+    cnn_stages: Sequence[int] = CNN_STAGES,
 ) -> list[ImageSaliency]:
-    """Heatmaps for every image and finding: the fusion logit differentiated through the image
-    tokens of ``batch`` (a one-patient batch whose first ``len(images)`` image tokens are these
-    images, in order), which are recomputed here with the graph kept."""
+    """Heatmaps for every image and finding, recomputed here with the graph kept.
+
+    ViT: the fusion logit differentiated through the image tokens of ``batch`` (a one-patient
+    batch whose first ``len(images)`` image tokens are these images, in order). CNN: Grad-CAM of
+    the score ``cnn_target`` names -- the fine-tuned CNN's own classification logit for the
+    finding when it has one, because the fusion logit reaches the CNN only through one pooled
+    vector mixed with the ViT's and the other modalities, and its gradient localised worse
+    (``mmcds/EXPLAIN_RESULTS.md``). ``cnn_stages`` picks the ResNet stage outputs used (-1 the
+    last, 7x7 at 224; -2 the one before, 14x14); several are multiplied after normalising, so a
+    region must light up at both resolutions."""
     cap = fusion.config.max_tokens["image"]
     images = list(images)[:cap]  # the fusion model never sees images beyond its cap
     if not images:
@@ -172,21 +207,35 @@ def image_saliency(
     image_tokens[0, : len(images)] = live
     tokens["image"] = image_tokens
     fusion.eval()
+    assert cmaps.stage_maps is not None
+    stages = [cmaps.stage_maps[k] for k in cnn_stages]
     with torch.enable_grad():
         logits = fusion(FusionBatch(tokens, batch.mask))[0]
-        inputs = [cmaps.feature_map, *vmaps.attentions]
-        grads_by_finding = [
-            torch.autograd.grad(logits[f], inputs, retain_graph=i < len(wanted) - 1)
-            for i, f in enumerate(wanted)
-        ]
-    fmap = cmaps.feature_map.detach().float()
+        scores = []
+        for f in wanted:
+            if cnn_target(cnn, names[f]) == "head":
+                assert cmaps.head_logits is not None
+                # each image's logit depends on that image only: the sum's gradient is per image
+                head = cmaps.head_logits[:, cnn.labels.index(names[f])].sum()
+                scores.append((head, logits[f]))
+            else:
+                scores.append((logits[f], logits[f]))
+        grads_by_finding = []
+        for i, (cnn_score, fusion_score) in enumerate(scores):
+            keep = i < len(wanted) - 1
+            g_cnn = torch.autograd.grad(cnn_score, stages, retain_graph=True)
+            g_vit = torch.autograd.grad(fusion_score, vmaps.attentions, retain_graph=keep)
+            grads_by_finding.append((*g_cnn, *g_vit))
+    fmaps = [m.detach().float() for m in stages]
     atts = [a.detach().float() for a in vmaps.attentions]
     geo_c = [probe_geometry(cnn, im.pixels.shape[:2]) for im in images]
     geo_v = [probe_geometry(vit, im.pixels.shape[:2]) for im in images]
     out: list[ImageSaliency] = []
     for f, grads in zip(wanted, grads_by_finding, strict=True):
-        cam = _gradcam(fmap, grads[0].float())
-        roll = _rollout(atts, [g.float() for g in grads[1:]], vmaps.grid, vit.pooling == "cls")
+        n_s = len(fmaps)
+        cams = [_gradcam(m, g.float()) for m, g in zip(fmaps, grads[:n_s], strict=True)]
+        cam = cams[0] if n_s == 1 else _norm_maps(cams)
+        roll = _rollout(atts, [g.float() for g in grads[n_s:]], vmaps.grid, vit.pooling == "cls")
         for k, im in enumerate(images):
             shape = (int(im.pixels.shape[0]), int(im.pixels.shape[1]))
             for method, low, geo in (

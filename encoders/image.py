@@ -17,7 +17,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -68,6 +68,8 @@ class FeatureMaps:
     pixel_values: torch.Tensor  # (B, 3, H, W) as fed to the model; requires_grad when grad=True
     embedding: torch.Tensor  # (B, dim), computed from the maps below (graph kept when grad=True)
     feature_map: torch.Tensor | None = None  # CNN: last conv feature map (B, C, h, w)
+    stage_maps: tuple[torch.Tensor, ...] | None = None  # CNN: every stage's output, last = above
+    head_logits: torch.Tensor | None = None  # CNN with a classification head: (B, labels)
     tokens: torch.Tensor | None = None  # ViT: final hidden states (B, 1 + h*w, D), CLS first
     attentions: tuple[torch.Tensor, ...] | None = None  # ViT: per layer (B, heads, N, N)
     grid: tuple[int, int] | None = None  # ViT: patch grid (h, w)
@@ -110,6 +112,8 @@ class ImageEncoder:
         pooling: Pooling,
         backend: Backend,
         onnx_threads: int | None = None,
+        head: torch.nn.Module | None = None,
+        labels: Sequence[str] = (),
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
@@ -124,6 +128,10 @@ class ImageEncoder:
         self.pooling: Pooling = pooling
         self.backend: Backend = backend
         self.embedder = _Embedder(model, kind, pooling).eval()
+        # A fine-tuned classifier's own head (CNN only): what Grad-CAM explains when it names
+        # the finding asked about (encoders/explain_image.py); never used for embeddings.
+        self.head = head.eval() if head is not None else None
+        self.labels = list(labels) if head is not None else []
         self._attn_lock = threading.Lock()
         # channels_last was measured (benchmarks/encoders.py, ResNet-50, torch 2.13 CPU): ~10%
         # slower at batch 1 and 4x slower at batch 8 than NCHW, so the default layout stays.
@@ -175,8 +183,13 @@ class ImageEncoder:
             raise ValueError("backend='onnx' exports a float32 graph; leave dtype unset")
         # A classification checkpoint was loaded with its head so every key matched; the
         # embedding is the body's output.
-        backbone = full.base_model.to(device=dev, dtype=dt)
+        backbone = cast(PreTrainedModel, full.base_model.to(device=dev, dtype=dt))
         processor = AutoImageProcessor.from_pretrained(folder)
+        head = getattr(full, "classifier", None) if kind == "cnn" else None
+        id2label: dict[Any, str] = dict(config.id2label or {})
+        labels = [str(id2label[k]) for k in sorted(id2label, key=int)]
+        if not isinstance(head, torch.nn.Module) or head is backbone:
+            head = None
         return cls(
             model=backbone,
             processor=processor,
@@ -189,6 +202,8 @@ class ImageEncoder:
             pooling=pooling,
             backend=backend,
             onnx_threads=onnx_threads,
+            head=head.to(device=dev, dtype=dt) if head is not None else None,
+            labels=labels,
         )
 
     @property
@@ -271,12 +286,15 @@ class ImageEncoder:
             with _grad_mode(grad):
                 if grad:
                     pixel_values.requires_grad_(True)
-                out = self.model(pixel_values=pixel_values)
+                out = self.model(pixel_values=pixel_values, output_hidden_states=True)
+                pooled = out.pooler_output
                 return FeatureMaps(
                     kind="cnn",
                     pixel_values=pixel_values,
-                    embedding=self.embedder.pool(out),
+                    embedding=pooled.flatten(1),
                     feature_map=out.last_hidden_state,
+                    stage_maps=tuple(out.hidden_states[1:]),
+                    head_logits=self.head(pooled) if self.head is not None else None,
                 )
         patch = self.model.config.patch_size
         grid = (pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch)
@@ -316,20 +334,32 @@ def _save_processor(processor: Any, path: Path) -> None:
     processor.save_pretrained(path)
 
 
-def build_tiny_cnn(path: Path, *, seed: int = 0, image_size: int = 224) -> Path:
-    """A 4-stage ResNet a few kB in size, random weights, with a ResNet-style processor
-    (shortest edge -> image_size / 0.875, centre crop image_size, ImageNet mean/std)."""
-    from transformers.models.convnext import ConvNextImageProcessorPil
+def build_tiny_cnn(
+    path: Path,
+    *,
+    seed: int = 0,
+    image_size: int = 224,
+    hidden_sizes: Sequence[int] = (8, 16, 24, 32),
+) -> Path:
+    """A 4-stage ResNet a few kB in size, random weights, with a plain-resize processor (to
+    image_size square, ImageNet mean/std).
+
+    No centre crop, unlike ResNet's own processor (crop_pct 0.875): on a chest film the crop
+    removes the costophrenic angles and the apices, exactly where effusions and pneumothoraces
+    sit, so the model could neither learn nor show them there."""
+    from transformers.models.vit import ViTImageProcessorPil
 
     torch.manual_seed(seed)
     config = ResNetConfig(
-        embedding_size=8, hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1], layer_type="basic"
+        embedding_size=int(hidden_sizes[0]),
+        hidden_sizes=[int(h) for h in hidden_sizes],
+        depths=[1] * len(hidden_sizes),
+        layer_type="basic",
     )
     ResNetModel(config).save_pretrained(path)
     _save_processor(
-        ConvNextImageProcessorPil(
-            size={"shortest_edge": image_size},
-            crop_pct=0.875,
+        ViTImageProcessorPil(
+            size={"height": image_size, "width": image_size},
             image_mean=[0.485, 0.456, 0.406],
             image_std=[0.229, 0.224, 0.225],
         ),

@@ -4,6 +4,9 @@ A calibrator maps a finding's logit to ``sigmoid(scale * logit + bias)``. ``temp
 the scale only (bias 0, ``T = 1 / scale``); ``platt`` fits both, which also absorbs a shift in
 prevalence -- what differs most between sites. Per-site calibrators are fitted where the site has
 enough patients and both classes; elsewhere, and for an unknown site, the global one applies.
+A site's calibrator keeps the global scale and refits only the bias: the bias is what a
+prevalence shift moves, and with about 100 validation patients per site a second free parameter
+per site fitted noise (model m1000: refitting both took site B's test ECE from 0.050 to 0.082).
 """
 
 from __future__ import annotations
@@ -45,6 +48,34 @@ def fit_one(
     scale = float(res.x[0])
     bias = float(res.x[1]) if method == "platt" else 0.0
     return scale, bias
+
+
+def fit_bias(logits: np.ndarray, labels: np.ndarray, scale: float) -> tuple[float, float]:
+    """(scale, bias) with ``scale`` fixed and the bias minimising the log loss."""
+    z, y = np.asarray(logits, float), np.asarray(labels, float)
+    if len(z) == 0 or y.min() == y.max():
+        return scale, 0.0
+
+    def nll(b: np.ndarray) -> float:
+        return _nll(np.array([scale, float(b[0])]), z, y, "platt")
+
+    res = minimize(nll, np.array([0.0]), method="L-BFGS-B", bounds=[(-20.0, 20.0)])
+    return scale, float(res.x[0])
+
+
+def _site_helps(z: np.ndarray, y: np.ndarray, global_: tuple[float, float], folds: int = 5) -> bool:
+    """Whether a site's own bias beats the global calibrator on held-out validation patients
+    (k-fold within the site, log loss): a site keeps its own only where that is so."""
+    idx = np.arange(len(z))
+    own, shared = 0.0, 0.0
+    for k in range(folds):
+        held, rest = idx % folds == k, idx % folds != k
+        if y[rest].min() == y[rest].max() or not held.any():
+            return False
+        params = np.array(fit_bias(z[rest], y[rest], global_[0]))
+        own += _nll(params, z[held], y[held], "platt") * held.sum()
+        shared += _nll(np.array(global_), z[held], y[held], "platt") * held.sum()
+    return own < shared
 
 
 @dataclass
@@ -127,8 +158,10 @@ def fit_calibration(
             fitted = {}
             for j, f in enumerate(findings):
                 pos = int(y[rows, j].sum())
-                if min(pos, int(rows.sum()) - pos) >= MIN_CLASS_COUNT:
-                    fitted[f] = fit_one(z[rows, j], y[rows, j], method)
+                if min(pos, int(rows.sum()) - pos) >= MIN_CLASS_COUNT and _site_helps(
+                    z[rows, j], y[rows, j], global_[f]
+                ):
+                    fitted[f] = fit_bias(z[rows, j], y[rows, j], global_[f][0])
             if fitted:
                 per_site[site] = fitted
     return Calibration(method, list(findings), global_, per_site)

@@ -21,7 +21,14 @@ from sqlalchemy import delete
 
 from mmcds.analysis_store import AnalysisStore
 from mmcds.dataset import Example, iter_examples
-from mmcds.encoders.explain_image import CNN_METHOD, image_saliency, probe_geometry
+from mmcds.encoders.explain_image import (
+    CNN_METHOD,
+    VIT_METHOD,
+    cnn_target,
+    image_saliency,
+    probe_geometry,
+)
+from mmcds.encoders.image import ImageEncoder
 from mmcds.encoders.labs import empty_lab_frame
 from mmcds.explain import explain
 from mmcds.fusion.attribution import logits
@@ -124,8 +131,51 @@ def test_randomised_cnn_changes_the_heatmaps(
                     rhos.append(0.0)
                     continue
                 rhos.append(float(spearmanr(old.ravel(), s.heatmap.ravel())[0]))
-    # the bound: heatmaps share at most a weak ordering (the crop border is 0 in both)
+    # the bound: heatmaps share at most a weak ordering
     assert float(np.mean(rhos)) < 0.5, rhos
+
+
+def test_cnn_heatmap_explains_its_own_head_when_it_has_one(
+    pipeline: Pipeline, examples: list[Example], tmp_path: Path
+) -> None:
+    """A fine-tuned CNN checkpoint (a classifier) is explained through its own finding logit:
+    replacing the fusion model leaves its heatmaps unchanged, while the ViT's (which explain the
+    fusion logit) move."""
+    from mmcds.findings import FINDING_NAMES
+    from mmcds.fusion.pretrain import PretrainSettings, pretrain_image_encoder
+
+    images = [im for ex in examples for im in ex.record.images]
+    labels = np.array(
+        [[ex.labels[f] for f in FINDING_NAMES] for ex in examples for _ in ex.record.images],
+        np.float32,
+    )
+    pixels = [im.pixels for im in images]
+    settings = PretrainSettings(epochs=1)
+    pretrain_image_encoder(
+        "cnn", FINDING_NAMES, pixels, labels, pixels, labels, tmp_path / "cnn", settings, False
+    )
+    cnn = ImageEncoder.from_pretrained(str(tmp_path / "cnn"))
+    assert cnn.head is not None and cnn.labels == list(FINDING_NAMES)
+    assert all(cnn_target(cnn, f) == "head" for f in FINDING_NAMES)
+    assert cnn_target(pipeline.cnn, FINDING_NAMES[0]) == "fusion"  # a plain backbone
+    other = copy.deepcopy(pipeline.fusion)
+    torch.manual_seed(7)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.normal_(0.0, 0.2)
+    analysis = pipeline.analyse(examples[0].record)
+    batch = batch_from_encodings(pipeline.fusion.config, [analysis.encodings])
+    imgs = analysis.record.images
+    a = image_saliency(cnn, pipeline.vit, pipeline.fusion, batch, imgs)
+    b = image_saliency(cnn, pipeline.vit, other, batch, imgs)
+    vit_moved = False
+    for sa, sb in zip(a, b, strict=True):
+        if sa.method == CNN_METHOD:
+            np.testing.assert_allclose(sa.heatmap, sb.heatmap, atol=1e-6)
+        else:
+            assert sa.method == VIT_METHOD
+            vit_moved |= not np.allclose(sa.heatmap, sb.heatmap, atol=1e-4)
+    assert vit_moved
 
 
 def test_modality_shapley_sums_to_full_minus_empty(

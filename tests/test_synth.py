@@ -16,9 +16,9 @@ import numpy as np
 import pydicom
 import pytest
 from fhir.resources.R4B.bundle import Bundle
-from mmcds.encoders.catalogue import BY_LOINC, to_canonical
 from PIL import Image
 
+from mmcds.encoders.catalogue import BY_LOINC, to_canonical
 from mmcds.findings import FINDING_NAMES
 from mmcds.synth import generate_cohort
 from mmcds.synth.reference import evaluate, load_cohort, markdown, site_shift

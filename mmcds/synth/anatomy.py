@@ -13,7 +13,12 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-from mmcds.synth.latent import LatentPatient
+from mmcds.synth.latent import LOBES, LatentPatient
+
+# chance of a pneumonia look-alike opacity in a patient without pneumonia, and its visibility
+LOOKALIKE_BASE = 0.15
+LOOKALIKE_RISK = 0.40  # added with COPD, smoking or a malignancy
+LOOKALIKE_VISIBILITY = (1.2, 1.8)  # as pneumonia's own (latent.IMAGE_VISIBILITY)
 
 LOBE_CENTRES = {
     "RLL": (0.29, 0.66),
@@ -132,19 +137,32 @@ def draw(p: LatentPatient, rng: np.random.Generator) -> Drawing:
     # ---- findings
     if p.findings["heart_failure"]:
         masks["heart_failure"] = heart.copy()
-    if p.findings["pneumonia"]:
-        vis = p.image_visibility["pneumonia"]
-        lobes = [p.lobe] + ([OPPOSITE[p.lobe]] if p.side["pneumonia"] == "bilateral" else [])
+    inside = lungs & ~heart
+    # Look-alike opacity (atelectasis, old scarring) in patients without pneumonia: the same
+    # kind of blob, more often with COPD, smoking or a malignancy. Only the notes and labs (or
+    # the lack of infection there) tell it from a consolidation, so pneumonia needs fusion
+    # against a learned image model too. Drawn from the image stream only: notes and labs of
+    # every patient stay as they were.
+    risk = p.comorbid["copd"] or p.comorbid["smoker"] or p.comorbid["malignancy"]
+    mimic_p = LOOKALIKE_BASE + LOOKALIKE_RISK * risk
+    mimic = not p.findings["pneumonia"] and rng.random() < mimic_p
+    if p.findings["pneumonia"] or mimic:
+        if p.findings["pneumonia"]:
+            vis, sev = p.image_visibility["pneumonia"], p.severity["pneumonia"]
+            lobes = [p.lobe] + ([OPPOSITE[p.lobe]] if p.side["pneumonia"] == "bilateral" else [])
+        else:
+            vis, sev = float(rng.beta(*LOOKALIKE_VISIBILITY)), float(rng.uniform(0.2, 0.8))
+            lobes = [LOBES[int(rng.integers(0, len(LOBES)))]]
         blob = np.zeros_like(d)
         for lobe in lobes:
             cx, cy = LOBE_CENTRES[lobe]
             for _ in range(4):
-                r = (0.03 + 0.05 * p.severity["pneumonia"]) * rng.uniform(0.7, 1.3)
+                r = (0.03 + 0.05 * sev) * rng.uniform(0.7, 1.3)
                 ox, oy = rng.normal(0, 0.03, size=2)
                 blob += np.exp(-_ellipse(x, y, cx + ox, cy + oy, r, r * 1.2))
         blob = np.clip(blob * (1 + 0.4 * _smooth_noise(rng, (rows, cols), rows / 60)), 0, 1)
-        inside = lungs & ~heart
-        masks["pneumonia"] = (blob > 0.35) & inside
+        if p.findings["pneumonia"]:
+            masks["pneumonia"] = (blob > 0.35) & inside
         d[inside] += ((0.02 + 0.22 * vis) * blob)[inside]
     if p.findings["pleural_effusion"]:
         vis = p.image_visibility["pleural_effusion"]

@@ -20,13 +20,13 @@ AGE_BANDS = ((18, 39, "18-39"), (40, 64, "40-64"), (65, 79, "65-79"), (80, 200, 
 
 # chance that a present finding shows in the notes / in the labs (independent draws)
 TEXT_EXPRESSION = {
-    "pneumonia": 0.55,
+    "pneumonia": 0.65,
     "heart_failure": 0.55,
     "pleural_effusion": 0.4,
     "pneumothorax": 0.6,
 }
 LAB_EXPRESSION = {
-    "pneumonia": 0.6,
+    "pneumonia": 0.7,
     "heart_failure": 0.65,
     "pleural_effusion": 0.0,
     "pneumothorax": 0.0,

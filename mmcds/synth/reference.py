@@ -217,7 +217,9 @@ NOTE = (
     "Pneumonia and heart failure are built to need fusion: each shows on the image, in the "
     "notes and in the labs only for an independent part of the patients, and look-alike "
     "conditions (other infections, COPD, CKD) put the same symptoms and lab changes into "
-    "patients without them. Pleural effusion is image-led by design; pneumothorax shows on the "
+    "patients without them; atelectasis or scarring (more often with COPD, smoking or a "
+    "malignancy) puts a pneumonia-like opacity on the radiographs of patients without "
+    "pneumonia. Pleural effusion is image-led by design; pneumothorax shows on the "
     "image and in the notes (sudden pleuritic pain, absent breath sounds), SpO2 adds a little. "
     "The image column is a linear model on 32x32 pixels: a floor, not a ceiling."
 )
