@@ -7,6 +7,7 @@ Encoding is the expensive stage (DESIGN §3), so every embedding goes through th
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -206,11 +207,11 @@ class Pipeline:
         return Analysis(record, encodings, self.fuse(encodings, site))
 
 
-def _ensure(path: Path, build: object) -> Path:
+def _ensure(path: Path, build: Callable[[Path], Path]) -> Path:
     """Build a tiny local checkpoint once (no model hub is reachable on these machines)."""
     if not (path / "config.json").is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
-        build(path)  # type: ignore[operator]
+        build(path)
     return path
 
 
