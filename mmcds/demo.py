@@ -13,7 +13,8 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -57,18 +58,18 @@ def running_service(settings: Settings) -> Iterator[str]:
 
 @contextlib.contextmanager
 def _servers(
-    fhir_url: str | None, dicomweb_url: str | None
+    fhir_url: str | None, dicomweb_url: str | None, echo: Callable[[str], None]
 ) -> Iterator[tuple[str, str, tuple[str, str] | None]]:
     with contextlib.ExitStack() as stack:
         if fhir_url is None:
             sandbox = stack.enter_context(FhirSandbox())
             fhir_url = sandbox.base_url
-            typer.echo(f"FHIR sandbox at {fhir_url}")
+            echo(f"FHIR sandbox at {fhir_url}")
         auth = None
         if dicomweb_url is None:
             pacs = stack.enter_context(OrthancPacs())
             dicomweb_url, auth = pacs.dicomweb_url, pacs.auth
-            typer.echo(f"Orthanc DICOMweb at {dicomweb_url}")
+            echo(f"Orthanc DICOMweb at {dicomweb_url}")
         yield fhir_url, dicomweb_url, auth
 
 
@@ -81,31 +82,62 @@ def hook_request(fhir_url: str, patient_id: str) -> dict[str, object]:
     }
 
 
-def run_demo(*, patients: int, seed: int, fhir_url: str | None, dicomweb_url: str | None) -> None:
+@dataclass
+class DemoService:
+    """A running service with loaded patients, and the EHR's key to call it."""
+
+    settings: Settings
+    url: str
+    fhir_base: str
+    patient_ids: list[str]
+    key: ECKey
+
+    def call(self, http: httpx.Client, patient_id: str) -> tuple[httpx.Response, float]:
+        """One patient-view hook exactly as an EHR sends it; (response, seconds)."""
+        endpoint = f"{self.settings.public_base_url}/cds-services/mmcds-patient-view"
+        token = sign_hook_jwt(self.key, issuer=DEMO_ISSUER, audience=endpoint, kid=DEMO_KID)
+        started = time.perf_counter()
+        response = http.post(
+            f"{self.url}/cds-services/mmcds-patient-view",
+            json=hook_request(self.fhir_base, patient_id),
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        return response, time.perf_counter() - started
+
+
+@contextlib.contextmanager
+def demo_service(
+    *,
+    patients: int,
+    seed: int,
+    fhir_url: str | None = None,
+    dicomweb_url: str | None = None,
+    echo: Callable[[str], None] = typer.echo,
+) -> Iterator[DemoService]:
+    """Servers, a trained model, synthetic patients loaded, the service running."""
     base = get_settings()
     if not base.fusion_model:  # the demo runs a trained model, built once at first run
         from mmcds.fusion.run import ensure_demo_model
 
-        base = base.model_copy(update={"fusion_model": str(ensure_demo_model(base, typer.echo))})
+        base = base.model_copy(update={"fusion_model": str(ensure_demo_model(base, echo))})
     key = ECKey.generate_key("P-384", parameters={"kid": DEMO_KID})
     jwks = json.dumps({"keys": [key.as_dict(private=False)]})
     with (
         tempfile.TemporaryDirectory(prefix="mmcds-demo-") as tmp,
-        _servers(fhir_url, dicomweb_url) as (fhir_base, dicomweb, auth),
+        _servers(fhir_url, dicomweb_url, echo) as (fhir_base, dicomweb, auth),
     ):
         cohort = Path(tmp) / "cohort"
         summary = generate_cohort(cohort, patients=patients, seed=seed)
-        typer.echo(f"synthetic cohort: {summary}")
+        echo(f"synthetic cohort: {summary.patients} patients, sites {summary.sites}")
         with (
             FhirClient(fhir_base, timeout=120) as fhir,
             DicomWebClient(dicomweb, auth=auth) as pacs,
         ):
             loaded = load_folder(cohort, fhir, pacs)
-            typer.echo(f"loaded {loaded.bundles} bundles, {loaded.dicom} DICOM files")
+            echo(f"loaded {loaded.bundles} bundles, {loaded.dicom} DICOM files")
             if loaded.errors:
                 raise RuntimeError("demo data failed to load: " + "; ".join(loaded.errors))
             ids = [p["id"] for p in fhir.search("Patient", {"_count": "100"})]
-
         port = free_port()
         settings = base.model_copy(
             update={
@@ -117,30 +149,30 @@ def run_demo(*, patients: int, seed: int, fhir_url: str | None, dicomweb_url: st
                 "dicomweb_user": auth[0] if auth else None,
                 "dicomweb_password": auth[1] if auth else None,
                 "trusted_issuers": {DEMO_ISSUER: jwks},
+                "database_url": f"sqlite:///{Path(tmp) / 'service.db'}",
             }
         )
-        with (
-            running_service(settings) as url,
-            httpx.Client(timeout=300) as http,
-            FhirClient(fhir_base) as fhir,
-        ):
-            for patient_id in ids:
-                endpoint = f"{settings.public_base_url}/cds-services/mmcds-patient-view"
-                token = sign_hook_jwt(key, issuer=DEMO_ISSUER, audience=endpoint, kid=DEMO_KID)
-                started = time.perf_counter()
-                response = http.post(
-                    f"{url}/cds-services/mmcds-patient-view",
-                    json=hook_request(fhir_base, patient_id),
-                    headers={"Authorization": f"Bearer {token}"},
-                )
-                response.raise_for_status()
-                elapsed = time.perf_counter() - started
-                typer.echo(f"\n=== Patient/{patient_id} (hook answered in {elapsed:.2f} s)")
-                for card in response.json()["cards"]:
-                    typer.echo(f"[{card['indicator']}] {card['summary']}")
-                    typer.echo(card["detail"])
-                reports = fhir.search("DiagnosticReport", {"subject": f"Patient/{patient_id}"})
-                typer.echo(
-                    "DiagnosticReports written back: "
-                    + ", ".join(f"DiagnosticReport/{r['id']}" for r in reports)
-                )
+        with running_service(settings) as url:
+            yield DemoService(settings, url, fhir_base, ids, key)
+
+
+def run_demo(*, patients: int, seed: int, fhir_url: str | None, dicomweb_url: str | None) -> None:
+    with (
+        demo_service(
+            patients=patients, seed=seed, fhir_url=fhir_url, dicomweb_url=dicomweb_url
+        ) as service,
+        httpx.Client(timeout=300) as http,
+        FhirClient(service.fhir_base) as fhir,
+    ):
+        for patient_id in service.patient_ids:
+            response, elapsed = service.call(http, patient_id)
+            response.raise_for_status()
+            typer.echo(f"\n=== Patient/{patient_id} (hook answered in {elapsed:.2f} s)")
+            for card in response.json()["cards"]:
+                typer.echo(f"[{card['indicator']}] {card['summary']}")
+                typer.echo(card["detail"])
+            reports = fhir.search("DiagnosticReport", {"subject": f"Patient/{patient_id}"})
+            typer.echo(
+                "DiagnosticReports written back: "
+                + ", ".join(f"DiagnosticReport/{r['id']}" for r in reports)
+            )
