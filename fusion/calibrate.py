@@ -20,11 +20,18 @@ import numpy as np
 from scipy.optimize import minimize
 
 Method = Literal["temperature", "platt"]
+#: How a site gets its own calibrator. ``bias_cv``: the global scale with the site's own bias,
+#: kept only where cross-validation within the site's validation patients says it helps (a model
+#: trained on every site). ``platt``: a full Platt fit on the site's own validation patients
+#: wherever the site has ``MIN_PLATT_PATIENTS`` of them (a model trained elsewhere, recalibrated
+#: on the local population). Either rule is fixed before the test split is looked at.
+SiteRule = Literal["bias_cv", "platt"]
 
 #: A site needs this many validation patients, and this many of each class per finding, for its
 #: own calibrator; fewer and the fit would follow noise.
 MIN_SITE_PATIENTS = 40
 MIN_CLASS_COUNT = 5
+MIN_PLATT_PATIENTS = 50
 
 
 def _nll(params: np.ndarray, z: np.ndarray, y: np.ndarray, method: Method) -> float:
@@ -145,6 +152,7 @@ def fit_calibration(
     findings: Sequence[str],
     sites: Sequence[str | None] | None = None,
     method: Method = "platt",
+    site_rule: SiteRule = "bias_cv",
 ) -> Calibration:
     z, y = np.asarray(logits, float), np.asarray(labels, float)
     global_ = {f: fit_one(z[:, j], y[:, j], method) for j, f in enumerate(findings)}
@@ -153,14 +161,17 @@ def fit_calibration(
     if site_arr is not None:
         for site in sorted(set(site_arr) - {""}):
             rows = site_arr == site
-            if rows.sum() < MIN_SITE_PATIENTS:
+            least = MIN_PLATT_PATIENTS if site_rule == "platt" else MIN_SITE_PATIENTS
+            if rows.sum() < least:
                 continue
             fitted = {}
             for j, f in enumerate(findings):
                 pos = int(y[rows, j].sum())
-                if min(pos, int(rows.sum()) - pos) >= MIN_CLASS_COUNT and _site_helps(
-                    z[rows, j], y[rows, j], global_[f]
-                ):
+                if min(pos, int(rows.sum()) - pos) < MIN_CLASS_COUNT:
+                    continue
+                if site_rule == "platt":
+                    fitted[f] = fit_one(z[rows, j], y[rows, j], method)
+                elif _site_helps(z[rows, j], y[rows, j], global_[f]):
                     fitted[f] = fit_bias(z[rows, j], y[rows, j], global_[f][0])
             if fitted:
                 per_site[site] = fitted

@@ -113,6 +113,37 @@ def split_patients(
     return out
 
 
+def restrict_training(
+    split: dict[str, list[str]],
+    keys: Sequence[str],
+    sites: Sequence[str | None],
+    train_sites: Sequence[str],
+) -> dict[str, list[str]]:
+    """The split of a model trained at ``train_sites`` only and deployed at every site.
+
+    ``train`` keeps only those sites' training patients (the others go to ``unused``: they are
+    neither trained on nor scored); ``early_stop`` holds those sites' validation patients, the
+    only ones model selection may look at; ``val`` (every site) stays whole for calibration and
+    ``test`` (every site) is untouched.
+    """
+    site_of = dict(zip(keys, sites, strict=True))
+    known = sorted({s for s in sites if s})
+    wanted = set(train_sites)
+    if not wanted or not wanted <= set(known):
+        raise ValueError(f"train sites {sorted(wanted)} must be among the cohort's sites {known}")
+    at = [k for k in split["train"] if site_of[k] in wanted]
+    stop = [k for k in split["val"] if site_of[k] in wanted]
+    if not at or not stop:
+        raise ValueError(f"sites {sorted(wanted)} have no training or no validation patients")
+    return {
+        "train": at,
+        "val": list(split["val"]),
+        "test": list(split["test"]),
+        "early_stop": stop,
+        "unused": [k for k in split["train"] if site_of[k] not in wanted],
+    }
+
+
 def split_hash(split: dict[str, list[str]]) -> str:
     text = "|".join(f"{s}:{','.join(split[s])}" for s in SPLITS)
     return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -24,9 +24,15 @@ from mmcds.encoders.image import ImageEncoder, build_tiny_cnn, build_tiny_vit
 from mmcds.encoders.labs import LabEncoder
 from mmcds.encoders.text import Chunk, TextEncoder
 from mmcds.findings import FINDING_NAMES
-from mmcds.fusion.calibrate import Method, fit_calibration, operating_points
+from mmcds.fusion.calibrate import Method, SiteRule, fit_calibration, operating_points
 from mmcds.fusion.card import model_card
-from mmcds.fusion.data import EncodedSet, encode_examples, split_hash, split_patients
+from mmcds.fusion.data import (
+    EncodedSet,
+    encode_examples,
+    restrict_training,
+    split_hash,
+    split_patients,
+)
 from mmcds.fusion.evaluate import evaluate
 from mmcds.fusion.model import FusionModel
 from mmcds.fusion.pretrain import PretrainSettings, pretrain_image_encoder
@@ -48,6 +54,10 @@ class TrainOptions:
     pretrain_settings: PretrainSettings = field(default_factory=PretrainSettings)
     train_settings: TrainSettings = field(default_factory=TrainSettings)
     calibration: Method = "platt"
+    site_calibration: SiteRule = "bias_cv"
+    # Train (image encoders, fusion, early stopping) at these sites only; calibrate on every
+    # site's validation patients; test at every site. None: every site.
+    train_sites: tuple[str, ...] | None = None
     warning_sensitivity: float = 0.95
     critical_specificity: float = 0.95
     limit: int | None = None  # first N patients of the labels file (quick runs)
@@ -158,10 +168,16 @@ def train_cohort(
     examples = load_examples(data, o.limit, o.progress)
     keys = [ex.key for ex in examples]
     split = split_patients(keys, [ex.site for ex in examples], o.seed, o.fractions)
+    if o.train_sites:
+        split = restrict_training(split, keys, [ex.site for ex in examples], o.train_sites)
+        unused = set(split["unused"])
+        examples = [ex for ex in examples if ex.key not in unused]
     echo(f"{len(examples)} patients: " + ", ".join(f"{k} {len(v)}" for k, v in split.items()))
     by_key = {ex.key: ex for ex in examples}
     train_ex = [by_key[k] for k in split["train"]]
-    val_ex = [by_key[k] for k in split["val"]]
+    # Model selection looks only at the training sites' validation patients.
+    stop_keys = split.get("early_stop", split["val"])
+    val_ex = [by_key[k] for k in stop_keys]
     timings["read_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -198,12 +214,15 @@ def train_cohort(
     t = time.perf_counter()
     config = pipe.fusion.config
     train, val = encoded.select_keys(split["train"]), encoded.select_keys(split["val"])
-    model, tlog = train_fusion(config, train, val, o.train_settings, o.progress)
+    stop = encoded.select_keys(stop_keys)
+    model, tlog = train_fusion(config, train, stop, o.train_settings, o.progress)
     echo(f"fusion: {tlog.epochs_run} epochs, best val loss {tlog.best_val_loss:.4f}")
     timings["fusion_s"] = time.perf_counter() - t
 
     val_logits = predict_logits(model, val.encodings)
-    cal = fit_calibration(val_logits, val.labels, config.findings, val.sites, o.calibration)
+    cal = fit_calibration(
+        val_logits, val.labels, config.findings, val.sites, o.calibration, o.site_calibration
+    )
     probs = cal.apply(val_logits, val.sites)
     warning, critical = operating_points(
         probs, val.labels, config.findings, o.warning_sensitivity, o.critical_specificity
@@ -233,6 +252,10 @@ def train_cohort(
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
         "cohort": _cohort_meta(data),
     }
+    if o.train_sites or o.site_calibration != "bias_cv":
+        config.training["train_sites"] = sorted(o.train_sites) if o.train_sites else "all"
+        config.training["site_calibration"] = o.site_calibration
+        config.training["early_stopping_on"] = f"{len(stop_keys)} validation patients"
     config.version = f"fusion-{config.training['data_hash'][:8]}-{_weights_digest(model)}"
     val_metrics = evaluate(model, val, n_boot=0)
     model.save_pretrained(out, model_card(config, val_metrics))

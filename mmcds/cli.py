@@ -118,9 +118,22 @@ def train(
     calibration: Annotated[str, typer.Option(help="platt or temperature")] = "platt",
     limit: Annotated[int | None, typer.Option(min=10, help="Only the first N patients")] = None,
     cache: Annotated[str | None, typer.Option(help="Embedding cache URL")] = None,
+    train_sites: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma list of sites to train at (e.g. A); calibration and test use every site"
+        ),
+    ] = None,
+    site_calibration: Annotated[
+        str,
+        typer.Option(
+            help="Per-site calibrators: bias_cv (own bias where CV helps) or platt (full Platt "
+            "where the site has >= 50 validation patients)"
+        ),
+    ] = "bias_cv",
 ) -> None:
     """Train, calibrate and save a fusion model (with fine-tuned image encoders) from DATA."""
-    from mmcds.fusion.calibrate import Method
+    from mmcds.fusion.calibrate import Method, SiteRule
     from mmcds.fusion.pretrain import PretrainSettings
     from mmcds.fusion.run import TrainOptions, train_cohort
     from mmcds.fusion.train import TrainSettings
@@ -128,6 +141,10 @@ def train(
     if calibration not in ("platt", "temperature"):
         raise typer.BadParameter("calibration must be 'platt' or 'temperature'")
     method: Method = "platt" if calibration == "platt" else "temperature"
+    if site_calibration not in ("bias_cv", "platt"):
+        raise typer.BadParameter("site-calibration must be 'bias_cv' or 'platt'")
+    rule: SiteRule = "platt" if site_calibration == "platt" else "bias_cv"
+    sites = tuple(s.strip() for s in train_sites.split(",") if s.strip()) if train_sites else None
     options = TrainOptions(
         seed=seed,
         pretrain=pretrain_epochs > 0,
@@ -136,6 +153,8 @@ def train(
         calibration=method,
         limit=limit,
         cache_url=cache,
+        site_calibration=rule,
+        train_sites=sites or None,
     )
     train_cohort(data, out, get_settings(), options, echo=typer.echo)
 

@@ -20,7 +20,7 @@ from mmcds.fusion.calibrate import (
     sensitivity_threshold,
     specificity_threshold,
 )
-from mmcds.fusion.data import EncodedSet, split_patients
+from mmcds.fusion.data import EncodedSet, restrict_training, split_patients
 from mmcds.fusion.evaluate import evaluate
 from mmcds.fusion.metrics import auroc, ece
 from mmcds.fusion.model import FusionConfig, FusionModel, batch_from_encodings
@@ -215,6 +215,35 @@ def test_split_is_by_patient_deterministic_and_stratified() -> None:
         split_patients(["x", "x"], ["A", "A"], 0)
 
 
+def test_training_at_one_site_uses_no_other_site_patient_for_training() -> None:
+    """``--train-sites A``: fitting and early stopping see only site A; calibration sees every
+    site's validation patients; the test split is the one of the full cohort, untouched."""
+    keys = [f"k{i}" for i in range(200)]
+    sites = ["A" if i % 3 else "B" for i in range(200)]
+    site_of = dict(zip(keys, sites, strict=True))
+    full = split_patients(keys, sites, seed=5)
+    at_a = restrict_training(full, keys, sites, ["A"])
+    assert at_a["train"] and {site_of[k] for k in at_a["train"] + at_a["early_stop"]} == {"A"}
+    assert set(at_a["train"]) == {k for k in full["train"] if site_of[k] == "A"}
+    assert set(at_a["unused"]) == {k for k in full["train"] if site_of[k] == "B"}
+    assert at_a["val"] == full["val"] and at_a["test"] == full["test"]
+    assert {site_of[k] for k in at_a["val"]} == {"A", "B"}
+    assert set(at_a["test"]).isdisjoint(at_a["train"] + at_a["val"] + at_a["unused"])
+    with pytest.raises(ValueError, match="among the cohort's sites"):
+        restrict_training(full, keys, sites, ["C"])
+    # the local recalibration rule: full Platt per site where it has >= 50 validation patients
+    rng = np.random.default_rng(2)
+    z = rng.normal(size=(120, 2))
+    y = (rng.random((120, 2)) < 1 / (1 + np.exp(-2 * z))).astype(float)
+    val_sites = ["A"] * 70 + ["B"] * 50
+    z[70:] += 1.0  # site B's scores shifted
+    cal = fit_calibration(z, y, FINDINGS, val_sites, "platt", site_rule="platt")
+    assert set(cal.sites) == {"A", "B"}
+    assert cal.sites["B"]["a"][1] < cal.global_["a"][1] - 0.3  # B's own bias undoes its shift
+    few = fit_calibration(z[:110], y[:110], FINDINGS, val_sites[:110], "platt", site_rule="platt")
+    assert set(few.sites) == {"A"}  # 40 patients at B: global calibrator
+
+
 def test_evaluate_reports_every_subset_site_and_subgroup(trained: tuple) -> None:
     model, val, test = trained
     cal = fit_calibration(predict_logits(model, val.encodings), val.labels, FINDINGS, val.sites)
@@ -241,6 +270,8 @@ def test_evaluate_reports_every_subset_site_and_subgroup(trained: tuple) -> None
     assert set(metrics["subgroups"]["sex"]) == {"female", "male"}
     assert metrics["fusion_vs_best_single"]["a"]["best_single"] in ("image", "text")
     assert metrics["site_shift"]["a"]["global"].keys() == {"A", "B"}
+    lo, hi = metrics["site_shift"]["a"]["gap_change_ci"]  # paired bootstrap of the gap change
+    assert lo <= metrics["site_shift"]["a"]["gap_change"] <= hi
     json.dumps(metrics)  # serialisable as metrics.json
     page = render(metrics)
     assert page.count("<svg") >= 4 * 2 + 2 and "Reliability: a" in page
