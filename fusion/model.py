@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mmcds.findings import FINDING_NAMES
-from mmcds.records import MODALITIES, Encodings, Modality
+from mmcds.records import MODALITIES, Encodings
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -190,9 +190,6 @@ class FusionModel(nn.Module):
         model.load_state_dict(state, strict=True)
         model.eval()
         return model
-
-    def modality_name(self, index: int) -> Modality:
-        return MODALITIES[index]
 
 
 def default_card(config: FusionConfig) -> str:

@@ -13,7 +13,6 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import TypeVar
 
-import numpy as np
 import pandas as pd
 
 from mmcds.encoders.explain_image import image_saliency
@@ -144,9 +143,3 @@ def explain(pipeline: Pipeline, analysis: Analysis, *, overlays: bool = True) ->
     out.summary_html = summary_html(analysis, out)
     seconds["total"] = round(time.perf_counter() - start, 4)
     return out
-
-
-def heatmap_stats(s: ImageSaliency) -> dict[str, float]:
-    """Peak location of a heatmap, in original pixels (for logs and the review page)."""
-    y, x = np.unravel_index(int(np.argmax(s.heatmap)), s.heatmap.shape)
-    return {"peak_x": float(x), "peak_y": float(y), "peak": float(s.heatmap.max())}

@@ -11,6 +11,7 @@ stopped (and waited for) on exit, including when start-up fails half-way.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import ctypes
 import json
@@ -58,7 +59,7 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-class _ChildServer:
+class _ChildServer(abc.ABC):
     """A child process with a log file, a readiness probe and a clean stop."""
 
     name = "server"
@@ -167,8 +168,9 @@ class _ChildServer:
             raise
         return self
 
+    @abc.abstractmethod
     def _start(self) -> None:
-        raise NotImplementedError
+        """Launch the process (subclasses: the sandbox, Orthanc)."""
 
     def __exit__(
         self,
