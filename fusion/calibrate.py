@@ -156,26 +156,44 @@ def fit_calibration(
 ) -> Calibration:
     z, y = np.asarray(logits, float), np.asarray(labels, float)
     global_ = {f: fit_one(z[:, j], y[:, j], method) for j, f in enumerate(findings)}
-    per_site: dict[str, dict[str, tuple[float, float]]] = {}
-    site_arr = np.array([s or "" for s in sites]) if sites is not None else None
-    if site_arr is not None:
-        for site in sorted(set(site_arr) - {""}):
-            rows = site_arr == site
-            least = MIN_PLATT_PATIENTS if site_rule == "platt" else MIN_SITE_PATIENTS
-            if rows.sum() < least:
-                continue
-            fitted = {}
-            for j, f in enumerate(findings):
-                pos = int(y[rows, j].sum())
-                if min(pos, int(rows.sum()) - pos) < MIN_CLASS_COUNT:
-                    continue
-                if site_rule == "platt":
-                    fitted[f] = fit_one(z[rows, j], y[rows, j], method)
-                elif _site_helps(z[rows, j], y[rows, j], global_[f]):
-                    fitted[f] = fit_bias(z[rows, j], y[rows, j], global_[f][0])
-            if fitted:
-                per_site[site] = fitted
+    per_site = (
+        fit_site_calibrators(z, y, findings, sites, global_, method, site_rule)
+        if sites is not None
+        else {}
+    )
     return Calibration(method, list(findings), global_, per_site)
+
+
+def fit_site_calibrators(
+    logits: np.ndarray,
+    labels: np.ndarray,
+    findings: Sequence[str],
+    sites: Sequence[str | None],
+    global_: Mapping[str, tuple[float, float]],
+    method: Method = "platt",
+    site_rule: SiteRule = "platt",
+) -> dict[str, dict[str, tuple[float, float]]]:
+    """Per site and finding, the site's own (scale, bias) where ``site_rule`` grants one."""
+    z, y = np.asarray(logits, float), np.asarray(labels, float)
+    site_arr = np.array([s or "" for s in sites])
+    least = MIN_PLATT_PATIENTS if site_rule == "platt" else MIN_SITE_PATIENTS
+    per_site: dict[str, dict[str, tuple[float, float]]] = {}
+    for site in sorted(set(site_arr) - {""}):
+        rows = site_arr == site
+        if rows.sum() < least:
+            continue
+        fitted = {}
+        for j, f in enumerate(findings):
+            pos = int(y[rows, j].sum())
+            if min(pos, int(rows.sum()) - pos) < MIN_CLASS_COUNT:
+                continue
+            if site_rule == "platt":
+                fitted[f] = fit_one(z[rows, j], y[rows, j], method)
+            elif _site_helps(z[rows, j], y[rows, j], global_[f]):
+                fitted[f] = fit_bias(z[rows, j], y[rows, j], global_[f][0])
+        if fitted:
+            per_site[site] = fitted
+    return per_site
 
 
 # --- operating points ---------------------------------------------------------------------------

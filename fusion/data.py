@@ -121,27 +121,21 @@ def restrict_training(
 ) -> dict[str, list[str]]:
     """The split of a model trained at ``train_sites`` only and deployed at every site.
 
-    ``train`` keeps only those sites' training patients (the others go to ``unused``: they are
-    neither trained on nor scored); ``early_stop`` holds those sites' validation patients, the
-    only ones model selection may look at; ``val`` (every site) stays whole for calibration and
-    ``test`` (every site) is untouched.
+    ``train`` and ``val`` keep only those sites' patients: the developer trains, stops early and
+    calibrates at home. The other sites' training and validation patients go to ``unused``
+    (neither trained on nor scored); a deployment site is calibrated on its own patients with
+    ``mmcds calibrate``. ``test`` (every site) is untouched, so the shift can be measured.
     """
     site_of = dict(zip(keys, sites, strict=True))
     known = sorted({s for s in sites if s})
     wanted = set(train_sites)
     if not wanted or not wanted <= set(known):
         raise ValueError(f"train sites {sorted(wanted)} must be among the cohort's sites {known}")
-    at = [k for k in split["train"] if site_of[k] in wanted]
-    stop = [k for k in split["val"] if site_of[k] in wanted]
-    if not at or not stop:
+    home = {name: [k for k in split[name] if site_of[k] in wanted] for name in ("train", "val")}
+    if not home["train"] or not home["val"]:
         raise ValueError(f"sites {sorted(wanted)} have no training or no validation patients")
-    return {
-        "train": at,
-        "val": list(split["val"]),
-        "test": list(split["test"]),
-        "early_stop": stop,
-        "unused": [k for k in split["train"] if site_of[k] not in wanted],
-    }
+    away = [k for name in ("train", "val") for k in split[name] if site_of[k] not in wanted]
+    return {**home, "test": list(split["test"]), "unused": sorted(away)}
 
 
 def split_hash(split: dict[str, list[str]]) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import tempfile
 import time
 from collections.abc import Sequence
@@ -53,6 +54,12 @@ class PretrainSettings:
     # localise better (mmcds/EXPLAIN_RESULTS.md) and it changes what early stopping watches.
     balance: bool = False
     max_pos_weight: float = 8.0
+    # How the CNN's per-location finding scores become an image score while training (the ViT
+    # always uses its own head). "avg" is the checkpoint's own global average pool; "lse"
+    # (log-sum-exp, sharpness ``lse_r``) makes the image score follow its strongest locations,
+    # a weakly-supervised localisation objective: only image labels, never the lesion masks.
+    pooling: Literal["avg", "lse"] = "avg"
+    lse_r: float = 5.0
     seed: int = 0
 
 
@@ -81,6 +88,24 @@ def _classifier(kind: Kind, findings: Sequence[str], folder: Path) -> PreTrained
     vit_cfg = ViTConfig.from_pretrained(folder)
     vit_cfg.update({"problem_type": "multi_label_classification", **labels})
     return ViTForImageClassification(vit_cfg)
+
+
+def _logits(model: PreTrainedModel, x: torch.Tensor, pooling: str, lse_r: float) -> torch.Tensor:
+    """Image-level logits (B, findings) under the training pooling.
+
+    With ``lse`` the CNN classifier's linear layer scores every location of the last feature
+    map (a 1x1 convolution with the same weights), then log-sum-exp pools those scores. At
+    inference the saved checkpoint averages instead; Grad-CAM of that average is exactly the
+    per-location score map (minus the bias), so the heatmap shows what training pooled."""
+    if pooling == "avg" or not isinstance(model, ResNetForImageClassification):
+        return model(pixel_values=x).logits
+    fmap = model.resnet(pixel_values=x).last_hidden_state  # (B, C, h, w)
+    linear = model.classifier[-1]
+    assert isinstance(linear, torch.nn.Linear)
+    scores = torch.einsum("bchw,kc->bkhw", fmap, linear.weight).flatten(2)  # (B, K, h*w)
+    n = scores.shape[-1]
+    pooled = (torch.logsumexp(lse_r * scores, dim=-1) - math.log(n)) / lse_r
+    return pooled + linear.bias
 
 
 def preprocess_all(encoder: ImageEncoder, pixels: Sequence[np.ndarray]) -> torch.Tensor:
@@ -139,13 +164,14 @@ def pretrain_image_encoder(
         losses = []
         for start in range(0, len(order), s.batch_size):
             idx = order[start : start + s.batch_size]
-            logits = model(pixel_values=_augment(x_train[idx], s.shift, generator)).logits
+            x = _augment(x_train[idx], s.shift, generator)
+            logits = _logits(model, x, s.pooling, s.lse_r)
             loss = F.binary_cross_entropy_with_logits(logits, y_train[idx], pos_weight=pos_weight)
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
             losses.append(loss.item())
-        val_loss = _loss(model, x_val, y_val, pos_weight)
+        val_loss = _loss(model, x_val, y_val, pos_weight, s)
         record.history.append(
             {"epoch": epoch, "train_loss": float(np.mean(losses)), "val_loss": val_loss}
         )
@@ -173,12 +199,16 @@ def pretrain_image_encoder(
 
 @torch.inference_mode()
 def _loss(
-    model: PreTrainedModel, x: torch.Tensor, y: torch.Tensor, pos_weight: torch.Tensor | None
+    model: PreTrainedModel,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    pos_weight: torch.Tensor | None,
+    s: PretrainSettings,
 ) -> float:
     model.eval()
     total = 0.0
     for start in range(0, len(x), 128):
-        logits = model(pixel_values=x[start : start + 128]).logits
+        logits = _logits(model, x[start : start + 128], s.pooling, s.lse_r)
         total += float(
             F.binary_cross_entropy_with_logits(
                 logits, y[start : start + 128], pos_weight=pos_weight, reduction="sum"

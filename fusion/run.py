@@ -175,9 +175,7 @@ def train_cohort(
     echo(f"{len(examples)} patients: " + ", ".join(f"{k} {len(v)}" for k, v in split.items()))
     by_key = {ex.key: ex for ex in examples}
     train_ex = [by_key[k] for k in split["train"]]
-    # Model selection looks only at the training sites' validation patients.
-    stop_keys = split.get("early_stop", split["val"])
-    val_ex = [by_key[k] for k in stop_keys]
+    val_ex = [by_key[k] for k in split["val"]]
     timings["read_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -214,8 +212,7 @@ def train_cohort(
     t = time.perf_counter()
     config = pipe.fusion.config
     train, val = encoded.select_keys(split["train"]), encoded.select_keys(split["val"])
-    stop = encoded.select_keys(stop_keys)
-    model, tlog = train_fusion(config, train, stop, o.train_settings, o.progress)
+    model, tlog = train_fusion(config, train, val, o.train_settings, o.progress)
     echo(f"fusion: {tlog.epochs_run} epochs, best val loss {tlog.best_val_loss:.4f}")
     timings["fusion_s"] = time.perf_counter() - t
 
@@ -255,7 +252,6 @@ def train_cohort(
     if o.train_sites or o.site_calibration != "bias_cv":
         config.training["train_sites"] = sorted(o.train_sites) if o.train_sites else "all"
         config.training["site_calibration"] = o.site_calibration
-        config.training["early_stopping_on"] = f"{len(stop_keys)} validation patients"
     config.version = f"fusion-{config.training['data_hash'][:8]}-{_weights_digest(model)}"
     val_metrics = evaluate(model, val, n_boot=0)
     model.save_pretrained(out, model_card(config, val_metrics))
@@ -279,35 +275,48 @@ def evaluate_cohort(
 ) -> dict[str, Any]:
     """Encode ``data`` with the model folder's encoders and write metrics.json + report.html.
 
-    If the model was trained on this cohort, only its ``split`` patients are scored (the test
-    split by default); patients of another cohort are all scored.
+    Only patients the model has not learned from are scored: see ``scored_patients``.
     """
     from mmcds.fusion.report_html import write_report
 
     model = FusionModel.from_pretrained(model_dir)
+    pipe = model_pipeline(model_dir, settings, cache_url)
+    examples = load_examples(data, None, progress)
+    keys, scored = scored_patients(model.config.training, split, {ex.key for ex in examples})
+    chosen = [ex for ex in examples if ex.key in keys]
+    echo(f"evaluating {len(chosen)} of {len(examples)} patients ({scored})")
+    encoded = encode_all(pipe, chosen, progress)
+    metrics = evaluate(model, encoded, n_boot=n_boot)
+    metrics["data"]["folder"] = str(data)
+    metrics["data"]["split"] = scored
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    write_report(metrics, out / "report.html")
+    return metrics
+
+
+def model_pipeline(model_dir: Path, settings: Settings, cache_url: str | None) -> Pipeline:
+    """The pipeline with the model folder's own encoders (its fine-tuned CNN and ViT)."""
     s = settings.model_copy(
         update={"fusion_model": str(model_dir), "cnn_model": "", "vit_model": ""}
     )
     pipe = Pipeline.from_settings(s)
     if cache_url:
         pipe.cache = EmbeddingCache(cache_url)
-    keys = set(model.config.training.get("split", {}).get(split, []))
-    examples = load_examples(data, None, progress)
-    chosen = (
-        [ex for ex in examples if ex.key in keys] if keys & {e.key for e in examples} else examples
-    )
-    echo(
-        f"evaluating {len(chosen)} of {len(examples)} patients"
-        + (f" ({split} split)" if len(chosen) < len(examples) else "")
-    )
-    encoded = encode_all(pipe, chosen, progress)
-    metrics = evaluate(model, encoded, n_boot=n_boot)
-    metrics["data"]["folder"] = str(data)
-    metrics["data"]["split"] = split if len(chosen) < len(examples) else "all"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    write_report(metrics, out / "report.html")
-    return metrics
+    return pipe
+
+
+def scored_patients(training: dict[str, Any], split: str, keys: set[str]) -> tuple[set[str], str]:
+    """Which of ``keys`` to score, and what they are: the patients held out by ``mmcds
+    calibrate`` when the model was recalibrated on this folder, else the ``split`` patients when
+    it was trained on it, else all (another cohort)."""
+    local = training.get("local_calibration", {})
+    if keys & set(local.get("calibration", [])):
+        return keys & set(local["test"]), "held out by local calibration"
+    in_split = keys & set(training.get("split", {}).get(split, []))
+    if in_split:
+        return in_split, f"{split} split"
+    return keys, "all"
 
 
 def _images(examples: list[Example]) -> tuple[list[np.ndarray], np.ndarray]:

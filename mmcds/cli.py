@@ -121,7 +121,8 @@ def train(
     train_sites: Annotated[
         str | None,
         typer.Option(
-            help="Comma list of sites to train at (e.g. A); calibration and test use every site"
+            help="Comma list of sites to train and calibrate at (e.g. A); the test split keeps "
+            "every site; recalibrate another site with `mmcds calibrate`"
         ),
     ] = None,
     site_calibration: Annotated[
@@ -157,6 +158,35 @@ def train(
         train_sites=sites or None,
     )
     train_cohort(data, out, get_settings(), options, echo=typer.echo)
+
+
+@app.command()
+def calibrate(
+    model: Annotated[Path, typer.Option(exists=True, file_okay=False, help="Model folder")],
+    data: Annotated[
+        Path, typer.Option(exists=True, file_okay=False, help="The site's labelled patients")
+    ],
+    out: Annotated[Path, typer.Option(help="Recalibrated model folder to write")],
+    fraction: Annotated[
+        float, typer.Option(min=0.05, max=0.95, help="Share of DATA fitted on; rest held out")
+    ] = 0.5,
+    seed: Annotated[int, typer.Option(help="Seed of the calibration / held-out split")] = 0,
+    site_rule: Annotated[
+        str, typer.Option(help="platt (own scale and bias per site) or bias_cv")
+    ] = "platt",
+    cache: Annotated[str | None, typer.Option(help="Embedding cache URL")] = None,
+) -> None:
+    """Recalibrate MODEL per site on a deployment site's own labelled patients (DATA)."""
+    from mmcds.fusion.calibrate import SiteRule
+    from mmcds.fusion.recalibrate import recalibrate_cohort
+
+    if site_rule not in ("bias_cv", "platt"):
+        raise typer.BadParameter("site-rule must be 'platt' or 'bias_cv'")
+    rule: SiteRule = "platt" if site_rule == "platt" else "bias_cv"
+    recalibrate_cohort(
+        model, data, out, get_settings(), fraction=fraction, seed=seed, site_rule=rule,
+        cache_url=cache, echo=typer.echo,
+    )  # fmt: skip
 
 
 @app.command()

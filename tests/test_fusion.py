@@ -7,9 +7,11 @@ tiny model trains in seconds; the last one trains from a real generated cohort e
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -216,18 +218,19 @@ def test_split_is_by_patient_deterministic_and_stratified() -> None:
 
 
 def test_training_at_one_site_uses_no_other_site_patient_for_training() -> None:
-    """``--train-sites A``: fitting and early stopping see only site A; calibration sees every
-    site's validation patients; the test split is the one of the full cohort, untouched."""
+    """``--train-sites A``: fitting, early stopping and calibration see only site A; the other
+    site's training and validation patients are set aside; the test split is the one of the full
+    cohort, untouched."""
     keys = [f"k{i}" for i in range(200)]
     sites = ["A" if i % 3 else "B" for i in range(200)]
     site_of = dict(zip(keys, sites, strict=True))
     full = split_patients(keys, sites, seed=5)
     at_a = restrict_training(full, keys, sites, ["A"])
-    assert at_a["train"] and {site_of[k] for k in at_a["train"] + at_a["early_stop"]} == {"A"}
+    assert at_a["train"] and {site_of[k] for k in at_a["train"] + at_a["val"]} == {"A"}
     assert set(at_a["train"]) == {k for k in full["train"] if site_of[k] == "A"}
-    assert set(at_a["unused"]) == {k for k in full["train"] if site_of[k] == "B"}
-    assert at_a["val"] == full["val"] and at_a["test"] == full["test"]
-    assert {site_of[k] for k in at_a["val"]} == {"A", "B"}
+    assert set(at_a["val"]) == {k for k in full["val"] if site_of[k] == "A"}
+    away = {k for k in full["train"] + full["val"] if site_of[k] == "B"}
+    assert set(at_a["unused"]) == away and at_a["test"] == full["test"]
     assert set(at_a["test"]).isdisjoint(at_a["train"] + at_a["val"] + at_a["unused"])
     with pytest.raises(ValueError, match="among the cohort's sites"):
         restrict_training(full, keys, sites, ["C"])
@@ -313,3 +316,49 @@ def test_train_and_evaluate_from_a_generated_cohort(tmp_path: Path) -> None:
     )
     assert metrics["data"]["patients"] == len(info["split"]["test"])
     assert (tmp_path / "report" / "report.html").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_local_calibration_fits_on_unseen_patients_and_holds_out_the_rest(
+    tmp_path: Path,
+) -> None:
+    """``mmcds calibrate``: never on the training cohort's patients; the held-out part is
+    recorded and is all ``mmcds evaluate`` scores on that folder afterwards."""
+    from mmcds.fusion.pretrain import PretrainSettings
+    from mmcds.fusion.recalibrate import recalibrate_cohort
+    from mmcds.fusion.run import TrainOptions, evaluate_cohort, train_cohort
+    from mmcds.settings import Settings
+    from mmcds.synth import generate_cohort
+
+    home, local = tmp_path / "home", tmp_path / "local"
+    generate_cohort(home, patients=16, seed=11)
+    generate_cohort(local, patients=12, seed=12)
+    settings = Settings(model_dir=tmp_path / "models", database_url=f"sqlite:///{tmp_path}/c.db")
+    model = tmp_path / "model"
+    opts = TrainOptions(
+        seed=1,
+        pretrain_settings=PretrainSettings(epochs=1),
+        progress=False,
+        train_settings=TrainSettings(epochs=2),
+    )
+    train_cohort(home, model, settings, opts, echo=lambda s: None)
+    quiet = partial(recalibrate_cohort, settings=settings, progress=False, echo=lambda s: None)
+    with pytest.raises(ValueError, match="has not seen"):
+        quiet(model, home, tmp_path / "no")
+    with pytest.raises(ValueError, match="new folder"):
+        quiet(model, local, model)
+    out = tmp_path / "model-local"
+    info = quiet(model, local, out, fraction=0.5)
+    keys = set(pd.read_csv(local / "labels.csv", dtype={"patient_key": str})["patient_key"])
+    assert set(info["calibration"]) | set(info["test"]) == keys
+    assert set(info["calibration"]).isdisjoint(info["test"]) and info["test"]
+    before, after = (FusionModel.from_pretrained(p).config for p in (model, out))
+    assert after.version.startswith(before.version + "+local-")
+    assert after.training["local_calibration"]["test"] == info["test"]
+    assert "## Local calibration" in (out / "README.md").read_text()
+    assert (out / "cnn").is_dir() and (out / "vit").is_dir()  # the encoders travel with it
+    metrics = evaluate_cohort(
+        out, local, tmp_path / "r", settings, n_boot=0, progress=False, echo=lambda s: None
+    )
+    assert metrics["data"]["patients"] == len(info["test"])
+    assert metrics["data"]["split"] == "held out by local calibration"
