@@ -115,7 +115,9 @@ def evaluate(
         | {"all": result["subsets"][ALL][f]["auroc"]}
         for f in cfg.findings
     }
-    result["site_shift"] = _site_shift(ds, logits[ALL], cal, n_boot, seed)
+    result["site_shift"], result["site_shift_summary"] = _site_shift(
+        ds, logits[ALL], cal, n_boot, seed
+    )
     result["calibration"] = {
         "method": cal.method,
         "ece_uncalibrated": {
@@ -162,13 +164,16 @@ def _fusion_vs_single(
 
 def _site_shift(
     ds: EncodedSet, logits: np.ndarray, cal: Calibration, n_boot: int = 0, seed: int = 0
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Per site: AUROC and ECE with the global calibration and with the site's own; with
     ``n_boot``, a bootstrap 95% CI (patients resampled within each site) of the per-site gap
-    minus the global gap, so a narrower gap can be told from noise."""
+    minus the global gap, so a narrower gap can be told from noise. The summary is the same
+    over the mean gap of all findings: the resamples are shared across findings, so the mean's
+    interval is paired too."""
     groups = {g: r for g, r in _groups(ds.sites).items() if g != "unknown"}
     if len(groups) < 2:
-        return {}
+        return {}, {}
+    changes = []
     glob = cal.apply(logits, ds.sites, per_site=False)
     local = cal.apply(logits, ds.sites, per_site=True)
     out: dict[str, Any] = {}
@@ -188,8 +193,18 @@ def _site_shift(
             change = _gap_change(ds.labels[:, j], glob[:, j], local[:, j], groups, n_boot, seed)
             row["gap_change"] = round(row["per_site_gap"] - row["global_gap"], 4)
             row["gap_change_ci"] = ci(change)
+            changes.append(change)
         out[f] = row
-    return out
+    summary: dict[str, Any] = {
+        f"mean_{k}_gap": round(float(np.mean([r[f"{k}_gap"] for r in out.values()])), 4)
+        for k in ("global", "per_site")
+    }
+    if changes:
+        summary["mean_gap_change"] = round(
+            summary["mean_per_site_gap"] - summary["mean_global_gap"], 4
+        )
+        summary["mean_gap_change_ci"] = ci(np.mean(changes, axis=0))
+    return out, summary
 
 
 def _gap_change(

@@ -114,7 +114,7 @@ def train(
     epochs: Annotated[int, typer.Option(min=1, help="Fusion epochs (early stopping)")] = 80,
     pretrain_epochs: Annotated[
         int, typer.Option(min=0, help="Image encoder epochs; 0 = none")
-    ] = 20,
+    ] = 30,
     calibration: Annotated[str, typer.Option(help="platt or temperature")] = "platt",
     limit: Annotated[int | None, typer.Option(min=10, help="Only the first N patients")] = None,
     cache: Annotated[str | None, typer.Option(help="Embedding cache URL")] = None,

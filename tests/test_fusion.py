@@ -275,6 +275,9 @@ def test_evaluate_reports_every_subset_site_and_subgroup(trained: tuple) -> None
     assert metrics["site_shift"]["a"]["global"].keys() == {"A", "B"}
     lo, hi = metrics["site_shift"]["a"]["gap_change_ci"]  # paired bootstrap of the gap change
     assert lo <= metrics["site_shift"]["a"]["gap_change"] <= hi
+    summary = metrics["site_shift_summary"]
+    lo, hi = summary["mean_gap_change_ci"]
+    assert lo <= summary["mean_gap_change"] <= hi
     json.dumps(metrics)  # serialisable as metrics.json
     page = render(metrics)
     assert page.count("<svg") >= 4 * 2 + 2 and "Reliability: a" in page
