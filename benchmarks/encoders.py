@@ -4,20 +4,24 @@
 
 Image encoders: a ResNet-50-shaped CNN (``ResNetConfig()`` defaults) and ViT-B/16 at 224
 (``ViTConfig()`` defaults), random init, built locally under ``var/bench-models`` (no hub). Each is
-timed on three paths over the same weights and the same grey, non-square input images:
+timed on four paths over the same weights and the same grey, non-square input images:
 
 * ``pipeline`` -- the naive baseline: ``transformers.pipeline("image-feature-extraction")`` fed
   RGB PIL images, pooled output;
 * ``eager`` -- ``ImageEncoder(backend="torch")`` (inference mode, NCHW);
-* ``onnx`` -- ``ImageEncoder(backend="onnx")``, ONNX Runtime, ORT_ENABLE_ALL, no thread spinning.
+* ``onnx`` -- ``ImageEncoder(backend="onnx")``, ONNX Runtime, ORT_ENABLE_ALL, no thread spinning;
+* ``onnx-int8`` -- ``ImageEncoder.quantize``: the same graph in int8 (ResNet static, calibrated
+  on 16 other images of the same kind; ViT dynamic), built once and kept beside the checkpoint.
 
 Figures are the best of interleaved repeats (the machine is shared; medians are given too).
 ``images_per_s`` is end to end (pixels -> embedding, preprocessing included); ``model_*`` times
 the network alone on preprocessed tensors, and its GFLOP/s (FLOPs counted with
-``torch.utils.flop_counter.FlopCounterMode``, a multiply-add = 2 FLOPs) is divided by the
-machine's fp32 matmul rate (2048 x 2048): ``fraction_of_matmul`` uses the best rate seen in
-the whole run, ``fraction_of_matmul_same_rounds`` the rate timed in the same rounds. The text
-encoder, when importable, is timed on notes that are each one 512-token chunk.
+``torch.utils.flop_counter.FlopCounterMode``, a multiply-add = 2 FLOPs; the fp32 model's count
+for the int8 path too) is divided by the machine's fp32 matmul rate (2048 x 2048):
+``fraction_of_matmul`` uses the best rate seen in the whole run, ``fraction_of_matmul_same_rounds``
+the rate timed in the same rounds. ``default_backend`` is what ``image_backend="auto"`` picks for
+the checkpoint on this machine. The text encoder, when importable, is timed on notes that are each
+one 512-token chunk.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import ResNetConfig, ResNetModel, ViTConfig, ViTModel, pipeline
 
 from mmcds.encoders.image import ImageEncoder
-from mmcds.encoders.onnx import available_cores
+from mmcds.encoders.onnx import available_cores, select_backend
 from mmcds.records import Note
 
 REPO = Path(__file__).resolve().parent.parent
@@ -140,13 +144,35 @@ def model_flops(enc: ImageEncoder, pixel_values: torch.Tensor) -> int:
     return int(counter.get_total_flops())
 
 
+def agreement(reference: np.ndarray, other: np.ndarray) -> dict[str, float]:
+    """Per-image cosine and max-abs difference of two (n, dim) embeddings; worst image."""
+    cosine = (reference * other).sum(1)
+    cosine /= np.linalg.norm(reference, axis=1) * np.linalg.norm(other, axis=1)
+    diff = np.abs(reference - other).max(1)
+    return {
+        "cosine_min": float(cosine.min()),
+        "max_abs_diff": float(diff.max()),
+        "max_abs_diff_relative": float((diff / np.abs(reference).max(1)).max()),
+    }
+
+
 def bench_image_model(
-    name: str, folder: Path, images: list[np.ndarray], min_time: float
+    name: str,
+    folder: Path,
+    images: list[np.ndarray],
+    calibration: list[np.ndarray],
+    min_time: float,
+    onnx_threads: int | None = None,
 ) -> dict[str, Any]:
     eager = ImageEncoder.from_pretrained(str(folder), device="cpu", batch_size=8)
     t0 = time.perf_counter()
-    onnx = ImageEncoder.from_pretrained(str(folder), backend="onnx", batch_size=8)
+    onnx = ImageEncoder.from_pretrained(
+        str(folder), backend="onnx", batch_size=8, onnx_threads=onnx_threads
+    )
     onnx_load_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    int8 = onnx.quantize(calibration)
+    int8_s = time.perf_counter() - t0
     naive = pipeline("image-feature-extraction", model=str(folder), device="cpu")
     flops_per_image = model_flops(eager, eager.preprocess(images[:1]))
     pil = [Image.fromarray(np.rint(p * 255).astype(np.uint8)).convert("RGB") for p in images]
@@ -157,10 +183,15 @@ def bench_image_model(
         "model_id": eager.model_id,
         "gflop_per_image": flops_per_image / 1e9,
         "onnx_load_or_export_s": onnx_load_s,
+        "int8_quantize_or_load_s": int8_s,
+        "int8_calibration_images": len(calibration),
+        "default_backend": select_backend("auto", str(folder), cuda=torch.cuda.is_available()),
         "paths": {},
     }
-    diff = np.abs(onnx.embed(images[:2]) - eager.embed(images[:2])).max()
+    reference = eager.embed(images)
+    diff = np.abs(onnx.embed(images[:2]) - reference[:2]).max()
     result["onnx_vs_eager_max_abs_diff"] = float(diff)
+    result["int8_vs_eager"] = agreement(reference, int8.embed(images))
     for batch in (1, 8):
         pixels, pics = images[:batch], pil[:batch]
         pv = eager.preprocess(pixels)
@@ -168,10 +199,12 @@ def bench_image_model(
             "pipeline": partial(naive, pics, batch_size=batch, pool=True),
             "eager": partial(eager.embed, pixels),
             "onnx": partial(onnx.embed, pixels),
+            "onnx-int8": partial(int8.embed, pixels),
         }
         model_only: dict[str, Callable[[], Any]] = {
             "eager": partial(eager.embed_preprocessed, pv),
             "onnx": partial(onnx.embed_preprocessed, pv),
+            "onnx-int8": partial(int8.embed_preprocessed, pv),
             # the reference GEMM, timed in the same rounds so it sees the same contention
             "matmul": matmul_call,
         }
@@ -232,13 +265,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models-dir", type=Path, default=REPO / "var" / "bench-models")
     parser.add_argument("--no-text", action="store_true")
     parser.add_argument("--out", type=Path)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch and ORT intra-op threads (default: torch's default, ORT all cores). On a "
+        "loaded shared box, 2 OpenMP threads on 2 cores ran eager ResNet-50 16x slower than 1 "
+        "(0.38 vs 6.0 images/s, load average 5): use 1 there for fair ratios",
+    )
     args = parser.parse_args(argv)
     min_time = 1.0 if args.quick else args.min_time
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     # Grey, non-square, CXR-like sizes: the preprocessing cost is part of the figure.
     images = [rng.random((640, 512), dtype=np.float32) for _ in range(8)]
+    calibration = [rng.random((640, 512), dtype=np.float32) for _ in range(16)]  # not timed
     matmul = matmul_gflops()
     report: dict[str, Any] = {
         "machine": {
@@ -246,12 +289,13 @@ def main(argv: list[str] | None = None) -> None:
             "processor": platform.processor() or platform.machine(),
             "cores_available": available_cores(),
             "torch_threads": torch.get_num_threads(),
+            "onnx_threads": args.threads or available_cores(),
             "torch": torch.__version__,
             "onnxruntime": __import__("onnxruntime").__version__,
             "matmul_2048_fp32_gflop_per_s": matmul,
             "load_average": os.getloadavg(),
         },
-        "input": "8 grey float32 images 640x512 in [0, 1]",
+        "input": "8 grey float32 images 640x512 in [0, 1]; int8 calibrated on 16 others",
         "image": [],
     }
     models = build_models(args.models_dir)
@@ -259,7 +303,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.quick and name != "resnet50":
             continue
         print(f"benchmarking {name}", file=sys.stderr, flush=True)
-        report["image"].append(bench_image_model(name, folder, images, min_time))
+        bench = partial(bench_image_model, onnx_threads=args.threads)
+        report["image"].append(bench(name, folder, images, calibration, min_time))
     if not args.no_text and not args.quick:
         report["text"] = bench_text(min_time)
     report["machine"]["load_average_after"] = os.getloadavg()

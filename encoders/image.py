@@ -13,11 +13,12 @@ tokens + per-layer attentions) need, with the autograd graph when asked.
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 import torch
@@ -41,6 +42,9 @@ from mmcds.encoders.checkpoint import (
 )
 from mmcds.records import ImageInput, ModalityEncoding, content_hash
 
+if TYPE_CHECKING:
+    from mmcds.encoders.onnx import OrtEmbedder
+
 __all__ = [
     "CheckpointError",
     "FeatureMaps",
@@ -52,7 +56,7 @@ __all__ = [
 
 ImageKind = Literal["cnn", "vit"]
 Pooling = Literal["cls", "mean"]
-Backend = Literal["torch", "onnx"]
+Backend = Literal["torch", "onnx", "onnx-int8"]
 
 # Backbones whose outputs this module knows how to pool and explain. CNNs: 4-D last_hidden_state
 # and a pooler_output; ViTs: a CLS token first in last_hidden_state.
@@ -135,14 +139,14 @@ class ImageEncoder:
         self._attn_lock = threading.Lock()
         # channels_last was measured (benchmarks/encoders.py, ResNet-50, torch 2.13 CPU): ~10%
         # slower at batch 1 and 4x slower at batch 8 than NCHW, so the default layout stays.
-        self._ort = None
+        self.onnx_threads = onnx_threads
+        self._ort: OrtEmbedder | None = None
         if backend == "onnx":
-            from mmcds.encoders.onnx import load_or_export, onnx_cache_path
+            self._ort = self._fp32_graph()
+        elif backend == "onnx-int8":
+            from mmcds.encoders.onnx import load_int8
 
-            example = self.preprocess([np.zeros((32, 32), np.float32)])
-            size = "x".join(str(s) for s in example.shape[-2:])
-            path = onnx_cache_path(folder, model_id, f"{pooling}.{size}")
-            self._ort = load_or_export(self.embedder, example, path, threads=onnx_threads)
+            self._ort = load_int8(self.fp32_graph_path, threads=onnx_threads)
 
     @classmethod
     def from_pretrained(
@@ -158,7 +162,9 @@ class ImageEncoder:
     ) -> ImageEncoder:
         """Load a CNN or ViT checkpoint (hub id or local folder, safetensors only, every key
         matched). ``backend="onnx"`` runs inference in ONNX Runtime on the CPU (exported once,
-        cached next to the checkpoint); ``feature_maps`` always runs in PyTorch."""
+        cached next to the checkpoint); ``"onnx-int8"`` runs the int8 graph ``quantize`` wrote
+        there; ``feature_maps`` always runs in PyTorch. ``model_id`` names the checkpoint
+        whatever the backend (as for fp16 on GPUs); ``backend`` tells them apart."""
         folder = resolve_checkpoint(name_or_path)
         files = weight_files(folder)
         full, config = load_strict(folder)
@@ -172,15 +178,15 @@ class ImageEncoder:
                 f"{name_or_path}: model_type {model_type!r} is not a supported image backbone "
                 f"(CNN: {sorted(CNN_TYPES)}; ViT: {sorted(VIT_TYPES)})"
             )
-        if backend == "onnx":
+        if backend != "torch":
             if device not in (None, "cpu"):
-                raise ValueError("backend='onnx' runs on the CPU; use backend='torch' for GPUs")
+                raise ValueError(f"backend={backend!r} runs on the CPU; use 'torch' for GPUs")
             dev = torch.device("cpu")
         else:
             dev = select_device(device)
         dt = torch_dtype(dtype, dev)
-        if backend == "onnx" and dt != torch.float32:
-            raise ValueError("backend='onnx' exports a float32 graph; leave dtype unset")
+        if backend != "torch" and dt != torch.float32:
+            raise ValueError(f"backend={backend!r} exports a float32 graph; leave dtype unset")
         # A classification checkpoint was loaded with its head so every key matched; the
         # embedding is the body's output.
         backbone = cast(PreTrainedModel, full.base_model.to(device=dev, dtype=dt))
@@ -205,6 +211,38 @@ class ImageEncoder:
             head=head.to(device=dev, dtype=dt) if head is not None else None,
             labels=labels,
         )
+
+    @property
+    def fp32_graph_path(self) -> Path:
+        """Where this checkpoint's fp32 ONNX graph is cached; int8 graphs sit beside it."""
+        from mmcds.encoders.onnx import fp32_graph_path
+
+        return fp32_graph_path(self.folder, self.model_id, self.pooling, self.processor)
+
+    def _fp32_graph(self) -> OrtEmbedder:
+        from mmcds.encoders.onnx import load_or_export
+
+        example = self.preprocess([np.zeros((32, 32), np.float32)])
+        return load_or_export(
+            self.embedder, example, self.fp32_graph_path, threads=self.onnx_threads
+        )
+
+    def quantize(self, calibration_pixels: Sequence[np.ndarray]) -> ImageEncoder:
+        """This float32 CPU encoder, sharing its model, on the ``"onnx-int8"`` backend: the int8
+        graph is built beside the fp32 one (unless built before from the same weights and
+        calibration) and recorded as what ``from_pretrained(backend="onnx-int8")`` loads.
+        ``calibration_pixels``, images as ``embed`` takes them, must be representative: the CNN
+        recipe fixes its activation ranges from them (~16 do); the ViT recipe ignores them."""
+        from mmcds.encoders.onnx import INT8_RECIPES, load_int8, quantize_int8
+
+        if self.device.type != "cpu" or self.dtype != torch.float32:
+            raise ValueError("quantize needs device='cpu' and dtype unset (float32)")
+        fp32 = self._ort if self.backend == "onnx" and self._ort else self._fp32_graph()
+        calibration = self.preprocess(calibration_pixels).numpy() if calibration_pixels else None
+        quantize_int8(fp32.path, calibration, INT8_RECIPES[self.kind])
+        int8 = copy.copy(self)  # same model, processor, head and attention lock
+        int8.backend, int8._ort = "onnx-int8", load_int8(fp32.path, threads=self.onnx_threads)
+        return int8
 
     @property
     def dim(self) -> int:
@@ -339,10 +377,15 @@ def build_tiny_cnn(
     *,
     seed: int = 0,
     image_size: int = 224,
-    hidden_sizes: Sequence[int] = (8, 16, 24, 32),
+    hidden_sizes: Sequence[int] = (16, 32, 64),
 ) -> Path:
-    """A 4-stage ResNet a few kB in size, random weights, with a plain-resize processor (to
+    """A 3-stage ResNet (about 100k weights), random weights, with a plain-resize processor (to
     image_size square, ImageNet mean/std).
+
+    Three stages, not the usual four: the last feature map is 14x14 at 224, not 7x7, so Grad-CAM
+    can tell a lateral pneumothorax rim or a basal effusion from the chest wall next to it; it
+    also trained to a lower validation loss than 8-16-24-32 or 16-32-64-128 on the synthetic
+    cohort (``mmcds/EXPLAIN_RESULTS.md``).
 
     No centre crop, unlike ResNet's own processor (crop_pct 0.875): on a chest film the crop
     removes the costophrenic angles and the apices, exactly where effusions and pneumothoraces

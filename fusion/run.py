@@ -11,7 +11,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,8 @@ from mmcds.store import EmbeddingCache
 
 log = logging.getLogger(__name__)
 Echo = Callable[[str], None]
+#: Training radiographs (evenly spread over the split) that fix the int8 activation ranges.
+INT8_CALIBRATION_IMAGES = 32
 
 
 @dataclass
@@ -203,6 +205,10 @@ def train_cohort(
     t = time.perf_counter()
     cnn = ImageEncoder.from_pretrained(str(out / "cnn"))
     vit = ImageEncoder.from_pretrained(str(out / "vit"))
+    if cnn.device.type == "cpu" and vit.device.type == "cpu":
+        t_q = time.perf_counter()
+        cnn, vit = (quantize(enc, _images(train_ex)[0]) for enc in (cnn, vit))
+        timings["quantize_s"] = time.perf_counter() - t_q
     text = TextEncoder.from_pretrained(settings.text_model or None)
     cache = EmbeddingCache(o.cache_url or settings.database_url)
     pipe = Pipeline(cnn, vit, text, labs, untrained_fusion(cnn, vit, text, labs), cache)
@@ -293,6 +299,15 @@ def evaluate_cohort(
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     write_report(metrics, out / "report.html")
     return metrics
+
+
+def quantize(encoder: ImageEncoder, pixels: Sequence[np.ndarray]) -> ImageEncoder:
+    """The encoder on its int8 graph, the one the service's default CPU path runs
+    (``select_backend``), calibrated on training radiographs: the activation ranges must come
+    from images like those the service will see. Training embeds through it too, so the fusion
+    model learns on exactly the embeddings it will be served."""
+    step = max(1, len(pixels) // INT8_CALIBRATION_IMAGES)
+    return encoder.quantize(list(pixels[::step][:INT8_CALIBRATION_IMAGES]))
 
 
 def model_pipeline(model_dir: Path, settings: Settings, cache_url: str | None) -> Pipeline:

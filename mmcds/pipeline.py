@@ -16,6 +16,7 @@ import torch
 
 from mmcds.encoders.image import ImageEncoder, build_tiny_cnn, build_tiny_vit
 from mmcds.encoders.labs import LabEncoder
+from mmcds.encoders.onnx import select_backend
 from mmcds.encoders.text import TextEncoder
 from mmcds.fusion.model import FusionConfig, FusionModel
 from mmcds.records import (
@@ -80,12 +81,16 @@ class Pipeline:
             if trained and (trained / "vit" / "config.json").is_file()
             else str(_ensure(model_dir / "tiny-vit", build_tiny_vit))
         )
-        backend = settings.image_backend
-        if backend == "auto":
-            # ONNX Runtime is the fast CPU path (benchmarks/encoders.py); GPUs run PyTorch.
-            backend = "torch" if torch.cuda.is_available() else "onnx"
-        cnn = ImageEncoder.from_pretrained(cnn_path, backend=backend)
-        vit = ImageEncoder.from_pretrained(vit_path, backend=backend)
+        # "auto": ONNX Runtime is the fast CPU path, int8 where a graph was built for the
+        # checkpoint (benchmarks/encoders.py); GPUs run PyTorch. Chosen per encoder: one may
+        # have an int8 graph and the other not.
+        cuda = torch.cuda.is_available()
+        cnn = ImageEncoder.from_pretrained(
+            cnn_path, backend=select_backend(settings.image_backend, cnn_path, cuda=cuda)
+        )
+        vit = ImageEncoder.from_pretrained(
+            vit_path, backend=select_backend(settings.image_backend, vit_path, cuda=cuda)
+        )
         text = TextEncoder.from_pretrained(settings.text_model or None)
         if settings.fusion_model:
             fusion = FusionModel.from_pretrained(settings.fusion_model)

