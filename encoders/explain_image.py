@@ -189,8 +189,8 @@ def image_saliency(
     finding when it has one, because the fusion logit reaches the CNN only through one pooled
     vector mixed with the ViT's and the other modalities, and its gradient localised worse
     (``mmcds/EXPLAIN_RESULTS.md``). ``cnn_stages`` picks the ResNet stage outputs used (-1 the
-    last, 7x7 at 224; -2 the one before, 14x14); several are multiplied after normalising, so a
-    region must light up at both resolutions."""
+    last, 14x14 at 224 for the 3-stage tiny CNN; -2 the one before, 28x28); several are
+    multiplied after normalising, so a region must light up at both resolutions."""
     cap = fusion.config.max_tokens["image"]
     images = list(images)[:cap]  # the fusion model never sees images beyond its cap
     if not images:
