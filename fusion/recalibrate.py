@@ -90,7 +90,8 @@ def recalibrate_cohort(
     cal.aliases.update(
         {img.site: ex.site for ex in examples for img in ex.record.images if img.site and ex.site}
     )
-    per_site = {s: encoded.sites.count(s) for s in sorted({s or "" for s in encoded.sites})}
+    named = [site or "" for site in encoded.sites]  # "" = no site recorded
+    per_site = {site: named.count(site) for site in sorted(set(named))}
     summary = {
         "data": str(data),
         "seed": seed,
