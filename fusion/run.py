@@ -207,7 +207,8 @@ def train_cohort(
     vit = ImageEncoder.from_pretrained(str(out / "vit"))
     if cnn.device.type == "cpu" and vit.device.type == "cpu":
         t_q = time.perf_counter()
-        cnn, vit = (quantize(enc, _images(train_ex)[0]) for enc in (cnn, vit))
+        train_pixels = _images(train_ex)[0]
+        cnn, vit = (quantize(enc, train_pixels) for enc in (cnn, vit))
         timings["quantize_s"] = time.perf_counter() - t_q
     text = TextEncoder.from_pretrained(settings.text_model or None)
     cache = EmbeddingCache(o.cache_url or settings.database_url)

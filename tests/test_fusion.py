@@ -26,9 +26,12 @@ from mmcds.fusion.data import EncodedSet, restrict_training, split_patients
 from mmcds.fusion.evaluate import evaluate
 from mmcds.fusion.metrics import auroc, ece
 from mmcds.fusion.model import FusionConfig, FusionModel, batch_from_encodings
+from mmcds.fusion.pretrain import PretrainSettings
 from mmcds.fusion.report_html import render
+from mmcds.fusion.run import TrainOptions
 from mmcds.fusion.train import TrainSettings, predict_logits, train_fusion
 from mmcds.records import MODALITIES, Encodings, ModalityEncoding
+from mmcds.settings import Settings
 
 FINDINGS = ["a", "b"]
 DIMS = {"image": 6, "text": 8, "labs": 5}
@@ -283,27 +286,33 @@ def test_evaluate_reports_every_subset_site_and_subgroup(trained: tuple) -> None
     assert page.count("<svg") >= 4 * 2 + 2 and "Reliability: a" in page
 
 
+def _scratch_settings(tmp_path: Path) -> Settings:
+    return Settings(model_dir=tmp_path / "models", database_url=f"sqlite:///{tmp_path}/c.db")
+
+
+def _quick_options(fusion_epochs: int) -> TrainOptions:
+    """One image-encoder epoch and a few fusion epochs: the CLI path in seconds."""
+    return TrainOptions(
+        seed=1,
+        pretrain_settings=PretrainSettings(epochs=1),
+        progress=False,
+        train_settings=TrainSettings(epochs=fusion_epochs),
+    )
+
+
 @pytest.mark.slow
 def test_train_and_evaluate_from_a_generated_cohort(tmp_path: Path) -> None:
     """The CLI path end to end on a small real cohort: FHIR + DICOM in, model folder out, and
     the pipeline then loads the fine-tuned encoders from it."""
-    from mmcds.fusion.pretrain import PretrainSettings
-    from mmcds.fusion.run import TrainOptions, evaluate_cohort, train_cohort
+    from mmcds.fusion.run import evaluate_cohort, train_cohort
     from mmcds.pipeline import Pipeline
-    from mmcds.settings import Settings
     from mmcds.synth import generate_cohort
 
     cohort = tmp_path / "cohort"
     generate_cohort(cohort, patients=16, seed=11)
-    settings = Settings(model_dir=tmp_path / "models", database_url=f"sqlite:///{tmp_path}/c.db")
+    settings = _scratch_settings(tmp_path)
     out = tmp_path / "model"
-    opts = TrainOptions(
-        seed=1,
-        pretrain_settings=PretrainSettings(epochs=1),
-        progress=False,
-        train_settings=TrainSettings(epochs=3),
-    )
-    info = train_cohort(cohort, out, settings, opts, echo=lambda s: None)
+    info = train_cohort(cohort, out, settings, _quick_options(3), echo=lambda s: None)
     assert {"config.json", "model.safetensors", "README.md", "lab_encoder.json"} <= {
         p.name for p in out.iterdir()
     }
@@ -327,24 +336,16 @@ def test_local_calibration_fits_on_unseen_patients_and_holds_out_the_rest(
 ) -> None:
     """``mmcds calibrate``: never on the training cohort's patients; the held-out part is
     recorded and is all ``mmcds evaluate`` scores on that folder afterwards."""
-    from mmcds.fusion.pretrain import PretrainSettings
     from mmcds.fusion.recalibrate import recalibrate_cohort
-    from mmcds.fusion.run import TrainOptions, evaluate_cohort, train_cohort
-    from mmcds.settings import Settings
+    from mmcds.fusion.run import evaluate_cohort, train_cohort
     from mmcds.synth import generate_cohort
 
     home, local = tmp_path / "home", tmp_path / "local"
     generate_cohort(home, patients=16, seed=11)
     generate_cohort(local, patients=12, seed=12)
-    settings = Settings(model_dir=tmp_path / "models", database_url=f"sqlite:///{tmp_path}/c.db")
+    settings = _scratch_settings(tmp_path)
     model = tmp_path / "model"
-    opts = TrainOptions(
-        seed=1,
-        pretrain_settings=PretrainSettings(epochs=1),
-        progress=False,
-        train_settings=TrainSettings(epochs=2),
-    )
-    train_cohort(home, model, settings, opts, echo=lambda s: None)
+    train_cohort(home, model, settings, _quick_options(2), echo=lambda s: None)
     quiet = partial(recalibrate_cohort, settings=settings, progress=False, echo=lambda s: None)
     with pytest.raises(ValueError, match="has not seen"):
         quiet(model, home, tmp_path / "no")
