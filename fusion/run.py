@@ -34,7 +34,7 @@ from mmcds.fusion.data import (
     split_patients,
 )
 from mmcds.fusion.evaluate import evaluate
-from mmcds.fusion.model import FusionModel
+from mmcds.fusion.model import FusionModel, is_current
 from mmcds.fusion.pretrain import PretrainSettings, pretrain_image_encoder
 from mmcds.fusion.train import TrainSettings, predict_logits, train_fusion
 from mmcds.pipeline import Pipeline, untrained_fusion
@@ -379,8 +379,8 @@ def ensure_demo_model(settings: Settings, echo: Echo = print) -> Path:
     from mmcds.synth import generate_cohort
 
     out = demo_model_dir(settings)
-    if (out / "model.safetensors").is_file() and (out / "lab_encoder.json").is_file():
-        return out
+    if is_current(out) and (out / "lab_encoder.json").is_file():
+        return out  # a demo model from an older mmcds (another architecture) is retrained
     cohort = Path(settings.model_dir) / "demo-cohort"
     echo(f"first run: training the demo model on {DEMO_PATIENTS} synthetic patients -> {out}")
     generate_cohort(cohort, patients=DEMO_PATIENTS, seed=DEMO_SEED)

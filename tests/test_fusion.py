@@ -25,7 +25,7 @@ from mmcds.fusion.calibrate import (
 from mmcds.fusion.data import EncodedSet, restrict_training, split_patients
 from mmcds.fusion.evaluate import evaluate
 from mmcds.fusion.metrics import auroc, ece
-from mmcds.fusion.model import FusionConfig, FusionModel, batch_from_encodings
+from mmcds.fusion.model import FusionConfig, FusionModel, batch_from_encodings, is_current
 from mmcds.fusion.pretrain import PretrainSettings
 from mmcds.fusion.report_html import render
 from mmcds.fusion.run import TrainOptions
@@ -155,6 +155,20 @@ def test_load_refuses_a_checkpoint_with_missing_weights(trained: tuple, tmp_path
     state.pop("heads.weight")
     save_file(state, tmp_path / "model.safetensors")
     with pytest.raises(RuntimeError, match="heads.weight"):
+        FusionModel.from_pretrained(tmp_path)
+
+
+def test_load_refuses_another_architecture_and_names_the_fix(
+    trained: tuple, tmp_path: Path
+) -> None:
+    model, _, _ = trained
+    model.save_pretrained(tmp_path)
+    assert is_current(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["architecture"]  # as a checkpoint saved before modality heads existed
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert not is_current(tmp_path)
+    with pytest.raises(ValueError, match="summary-attention/1.*retrain it with `mmcds train`"):
         FusionModel.from_pretrained(tmp_path)
 
 

@@ -21,7 +21,9 @@ from PIL import Image
 from mmcds.encoders.catalogue import BY_LOINC, to_canonical
 from mmcds.findings import FINDING_NAMES
 from mmcds.synth import generate_cohort
+from mmcds.synth.latent import IMAGE_EXPRESSION, sample_patient
 from mmcds.synth.reference import evaluate, load_cohort, markdown, site_shift
+from mmcds.synth.sites import site_profile
 
 ALLOWED = {"Patient", "Encounter", "Observation", "DocumentReference", "ImagingStudy"}
 
@@ -78,8 +80,9 @@ def test_layout_and_labels(small: Path) -> None:
         key = r["patient_key"]
         assert (small / "bundles" / f"{key}.json").is_file()
         assert [p.name for p in (small / "dicom" / key).iterdir()] == [f"{r['sop_uids'][0]}.dcm"]
-        for f in FINDING_NAMES:  # a mask exactly for the findings the patient has
-            assert bool(r[f"mask_{f}"]) == bool(r[f"true_{f}"])
+        for f in FINDING_NAMES:  # a mask exactly for the findings the radiograph shows
+            shows = bool(r[f"true_{f}"]) and r["evidence"][f]["image_visibility"] > 0
+            assert bool(r[f"mask_{f}"]) == shows, (key, f)
             if r[f"mask_{f}"]:
                 assert r[f"mask_{f}"] == f"masks/{key}/{r['sop_uids'][0]}_{f}.png"
     meta = json.loads((small / "cohort.json").read_text())
@@ -87,6 +90,18 @@ def test_layout_and_labels(small: Path) -> None:
     assert set(meta["prevalence"]) == {"A", "B", "C"}
     assert sum(r["true_no_finding"] for r in rows) > 0
     assert any(sum(r[f"true_{f}"] for f in FINDING_NAMES) > 1 for r in rows)  # co-occurrence
+
+
+def test_heart_failure_is_missing_from_some_radiographs_and_lesions_never_are() -> None:
+    rng = np.random.default_rng(3)
+    people = [sample_patient(rng, i, f"k{i}", site_profile("B"), 3) for i in range(4000)]
+    for f in FINDING_NAMES:
+        present = [p for p in people if p.findings[f]]
+        hidden = np.mean([p.image_visibility[f] == 0 for p in present])
+        # binomial sd of the share is <= 0.02 with a few hundred patients
+        assert abs(hidden - (1 - IMAGE_EXPRESSION[f])) < 0.06, (f, hidden, len(present))
+    assert IMAGE_EXPRESSION["heart_failure"] < 1.0
+    assert all(IMAGE_EXPRESSION[f] == 1.0 for f in FINDING_NAMES if f != "heart_failure")
 
 
 def test_bundles_validate_as_r4b_and_hold_no_labels(small: Path) -> None:

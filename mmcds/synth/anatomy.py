@@ -3,7 +3,8 @@
 Coordinates are fractions of the image (x to the viewer's right, y down); a PA view shows the
 patient's right lung on the viewer's left. Density is in [0, 1], bright = dense. Findings are
 drawn with a strength set by the latent visibility, so some are plain and some barely there;
-the mask marks where the lesion is whatever its visibility.
+the mask marks where the lesion is whatever its visibility. Heart failure that the radiograph
+does not show (``image_visibility`` 0) gets a normal heart, no congestion and no mask.
 """
 
 from __future__ import annotations
@@ -102,7 +103,8 @@ def draw(p: LatentPatient, rng: np.random.Generator) -> Drawing:
         lung[s] = hemi[s] & (y < _dome(x, h))
     # ---- heart (enlarged in heart failure; a little in hypertension / CKD as look-alikes)
     ctr = p.ctr_base + 0.02 * (p.comorbid["hypertension"] + p.comorbid["ckd"])
-    if p.findings["heart_failure"]:
+    hf_shows = p.image_visibility["heart_failure"] > 0  # heart failure without a radiographic sign
+    if hf_shows:
         ctr += 0.02 + 0.13 * p.image_visibility["heart_failure"]
     thorax_w = 0.76 * hab
     hw = ctr * thorax_w / 2
@@ -112,7 +114,7 @@ def draw(p: LatentPatient, rng: np.random.Generator) -> Drawing:
     marks = np.clip(_smooth_noise(rng, (rows, cols), max(rows / 160, 1.0)), 0, None)
     hilar = np.exp(-(((np.abs(x - 0.5) - 0.12) / 0.14) ** 2 + ((y - 0.48) / 0.25) ** 2))
     congestion = 0.0
-    if p.findings["heart_failure"]:
+    if hf_shows:
         congestion = 0.6 * p.image_visibility["heart_failure"]
     texture = (0.025 + 0.035 * hilar * (1 + congestion)) * marks
     lungs = lung["right"] | lung["left"]
@@ -135,7 +137,7 @@ def draw(p: LatentPatient, rng: np.random.Generator) -> Drawing:
     d += 0.075 * np.clip(rib_field, 0, 1.5) * thorax * np.where(heart, 0.3, 1.0)
     masks: dict[str, np.ndarray] = {}
     # ---- findings
-    if p.findings["heart_failure"]:
+    if hf_shows:  # nothing to point at when the radiograph shows no sign
         masks["heart_failure"] = heart.copy()
     inside = lungs & ~heart
     # Look-alike opacity (atelectasis, old scarring) in patients without pneumonia: the same

@@ -43,7 +43,7 @@ from mmcds.synth.latent import LatentPatient, sample_patient
 from mmcds.synth.notes import write_notes
 from mmcds.synth.sites import site_profile
 
-GENERATOR_VERSION = "mmcds-synth/1.0"
+GENERATOR_VERSION = "mmcds-synth/1.1"  # 1.1: heart failure shows on 80% of radiographs
 LAYOUT_DIRS = ("bundles", "dicom", "masks")
 
 

@@ -31,6 +31,16 @@ LAB_EXPRESSION = {
     "pleural_effusion": 0.0,
     "pneumothorax": 0.0,
 }
+# chance that a present finding shows on the radiograph at all (then with a Beta visibility).
+# About one in five patients admitted with decompensated heart failure has no congestion on the
+# chest radiograph (Collins et al., Ann Emerg Med 2006;47:13-18); the lesion-defined findings
+# always leave a mark, however faint.
+IMAGE_EXPRESSION = {
+    "pneumonia": 1.0,
+    "heart_failure": 0.8,
+    "pleural_effusion": 1.0,
+    "pneumothorax": 1.0,
+}
 # Beta(a, b) of how visible a present finding is on the radiograph: pneumonia is often subtle
 IMAGE_VISIBILITY = {
     "pneumonia": (1.2, 1.8),
@@ -59,7 +69,7 @@ class LatentPatient:
     days: int  # length of the encounter in days (≥ 1)
     findings: dict[str, bool]
     severity: dict[str, float]
-    image_visibility: dict[str, float]  # 0 = invisible on the image
+    image_visibility: dict[str, float]  # 0 = absent, or present but not shown on the image
     text_expressed: dict[str, bool]
     lab_expressed: dict[str, bool]
     side: dict[str, str]  # "left" / "right" / "bilateral"
@@ -125,12 +135,13 @@ def sample_patient(
         # hence every other patient attribute) does not shift when one label flips
         sev = float(rng.uniform(0.2, 1.0))
         vis = float(rng.beta(*IMAGE_VISIBILITY[f]))
+        shows = bool(rng.random() < IMAGE_EXPRESSION[f])
         t = bool(rng.random() < TEXT_EXPRESSION[f])
         lab = bool(rng.random() < LAB_EXPRESSION[f])
         s = ("left", "right", "bilateral")[int(rng.integers(0, 3))]
         present = findings[f]
         severity[f] = sev if present else 0.0
-        visibility[f] = vis if present else 0.0
+        visibility[f] = vis if present and shows else 0.0
         text[f] = t and present
         labs[f] = lab and present
         side[f] = s
