@@ -35,9 +35,10 @@ it does not diagnose, and must not be used autonomously or on populations it was
 
 ## Model
 Attention over modality tokens (one per image, one per note chunk, one per lab; width
-{config.d_model}, {config.n_layers} layer(s), {config.n_heads} heads) with masks for missing
-modalities and modality dropout ({config.modality_dropout}) in training, so any subset of
-modalities can be scored. One calibrated probability per finding.
+{config.d_model}, {config.n_layers} layer(s), {config.n_heads} heads) plus, per present
+modality, logits from the mean and max of its tokens (architecture `{config.architecture}`),
+with masks for missing modalities and modality dropout ({config.modality_dropout}) in training,
+so any subset of modalities can be scored. One calibrated probability per finding.
 
 Encoders: the text encoder is frozen. The image encoders (a tiny ResNet and a tiny ViT) were
 **fine-tuned** as multi-label classifiers of these findings on the training split's images only
