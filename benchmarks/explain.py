@@ -10,6 +10,10 @@ cohort is generated (--patients, --seed).
 
 - pointing game: the heatmap's maximum lies inside the true lesion mask (strict: no tolerance
   margin), over positive patients whose image has a mask for the finding;
+- peak distance: how far the heatmap's maximum lies from the nearest mask pixel, in % of the
+  image width (0 for a hit; images differ in size between sites, so not in pixels): a miss by
+  the width of a pleural line and a miss into the other lung score the same in the pointing
+  game, not here;
 - box IoU: the top derived box against the bounding box of the mask;
 - randomisation: Spearman rank correlation between a heatmap and the same heatmap after the
   backbone's weights are re-drawn at random (low = the method depends on the weights).
@@ -30,6 +34,7 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
+from scipy import ndimage
 from scipy.stats import spearmanr
 
 from mmcds.dataset import Example, iter_examples
@@ -156,6 +161,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parts: dict[str, list[float]] = {}
     hits: dict[str, dict[str, list[float]]] = {CNN_METHOD: {}, VIT_METHOD: {}}
     ious: dict[str, dict[str, list[float]]] = {CNN_METHOD: {}, VIT_METHOD: {}}
+    distances: dict[str, dict[str, list[float]]] = {CNN_METHOD: {}, VIT_METHOD: {}}
     rand_pairs: list[tuple[Any, Any]] = []
     explain(pipe, pipe.analyse(examples[0].record))  # warm-up: first-call costs are not per patient
     for ex in examples:
@@ -175,6 +181,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             y, x = np.unravel_index(int(np.argmax(s.heatmap)), s.heatmap.shape)
             hit = float(mask[y, x]) if s.heatmap.max() > 0 else 0.0
             hits[s.method].setdefault(s.finding, []).append(hit)
+            off = float(ndimage.distance_transform_edt(~mask)[y, x]) / mask.shape[1]
+            distances[s.method].setdefault(s.finding, []).append(100.0 * off)
             iou = box_iou(s.boxes[0][:4], mask) if s.boxes else 0.0
             ious[s.method].setdefault(s.finding, []).append(iou)
         if len(rand_pairs) < args.random_images and ex.record.images:
@@ -210,6 +218,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "cnn_explains": {f: cnn_target(pipe.cnn, f) for f in pipe.fusion.config.findings},
         "cnn_stages": list(CNN_STAGES),
         "pointing_game": {m: {f: summarise(v) for f, v in by.items()} for m, by in hits.items()},
+        "peak_distance_pct_width": {
+            m: {f: summarise(v) for f, v in by.items()} for m, by in distances.items()
+        },
         "box_iou": {m: {f: summarise(v) for f, v in by.items()} for m, by in ious.items()},
         "randomisation_spearman": {m: summarise(v) for m, v in rho.items()},
     }
