@@ -32,6 +32,11 @@ LIMITS = (
 UNTRAINED = "UNTRAINED model: its scores are random and carry no clinical meaning."
 
 
+def _points(probability_change: float) -> str:
+    """A probability change in percentage points, signed; never "-0" for a tiny negative."""
+    return f"{round(probability_change * 100):+d}"
+
+
 def probability_words(score: FindingScore) -> str:
     if score.level == Level.critical:
         return "high probability"
@@ -78,7 +83,7 @@ def _lab_phrase(c: LabContribution) -> str:
     shown = f"{c.value:.3g} {unit}".strip() if c.value is not None else "not measured"
     lo, hi = c.ref_low, c.ref_high
     ref = f" (ref {lo:.3g}–{hi:.3g})" if lo is not None and hi is not None else ""
-    return f"{c.lab} {shown}{ref} {c.contribution * 100:+.0f} points"
+    return f"{c.lab} {shown}{ref} {_points(c.contribution)} points"
 
 
 def evidence_for(explanation: Explanation, finding: str) -> Evidence:
@@ -105,7 +110,7 @@ def evidence_for(explanation: Explanation, finding: str) -> Evidence:
     weights = None
     if shap is not None:
         weights = ", ".join(
-            f"{MODALITY_WORDS[m]} {v * 100:+.0f}"
+            f"{MODALITY_WORDS[m]} {_points(v)}"
             for m, v in sorted(shap.values.items(), key=lambda kv: -abs(kv[1]))
         )
     return Evidence(image, text, lab, weights)

@@ -42,7 +42,7 @@ from mmcds.records import (
     Note,
 )
 from mmcds.settings import Settings
-from mmcds.summary import LINE_LIMIT, summary_line, summary_markdown
+from mmcds.summary import LINE_LIMIT, _points, summary_line, summary_markdown
 from mmcds.synth import generate_cohort
 
 
@@ -310,6 +310,13 @@ def test_summary_words_follow_the_operating_points(
     assert "**Pneumonia**: high probability (91%)" in md
     assert "no labs available" in md and "preliminary" in md.lower() and "Limits" in md
     assert "- Notes: “" in md and "- Weight by input (points):" in md
+    assert "-0" not in md.split("- Weight by input (points):")[1].splitlines()[0]
+    assert (_points(-0.001), _points(0.0), _points(0.126), _points(-0.3)) == (
+        "+0",
+        "+0",
+        "+13",
+        "-30",
+    )
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
