@@ -24,7 +24,7 @@ from mmcds.fusion.calibrate import (
 )
 from mmcds.fusion.data import EncodedSet, restrict_training, split_patients
 from mmcds.fusion.evaluate import evaluate
-from mmcds.fusion.metrics import auroc, ece
+from mmcds.fusion.metrics import auroc, ece, ece_if_calibrated
 from mmcds.fusion.model import FusionConfig, FusionModel, batch_from_encodings, is_current
 from mmcds.fusion.pretrain import PretrainSettings
 from mmcds.fusion.report_html import render
@@ -205,6 +205,20 @@ def test_calibration_lowers_ece_on_planted_miscalibration() -> None:
     assert ece(y[held][b, 0], local[b, 0]) < ece(y[held][b, 0], glob[b, 0])
 
 
+def test_ece_of_a_calibrated_model_is_not_zero_on_a_small_sample_and_we_say_how_large() -> None:
+    rng = np.random.default_rng(5)
+    p = rng.beta(1.0, 2.0, size=200)
+    floor = ece_if_calibrated(p, draws=2000)
+    # the vectorised draws agree with ece() itself
+    direct = [ece(rng.random(len(p)) < p, p) for _ in range(400)]
+    assert floor["mean"] == pytest.approx(np.mean(direct), abs=0.004)
+    assert 0.03 < floor["mean"] < floor["p95"] < 0.1  # 200 patients: far from 0
+    calibrated = [ece(rng.random(len(p)) < p, p) for _ in range(200)]
+    assert np.mean(np.array(calibrated) <= floor["p95"]) > 0.9
+    shifted = ece(rng.random(len(p)) < p, np.clip(p + 0.15, 0, 1))  # miscalibrated by 0.15
+    assert shifted > floor["p95"]
+
+
 def test_operating_points_reach_their_targets_on_the_validation_set() -> None:
     rng = np.random.default_rng(1)
     y = (rng.random((500, 2)) < 0.3).astype(int)
@@ -285,6 +299,7 @@ def test_evaluate_reports_every_subset_site_and_subgroup(trained: tuple) -> None
     assert m["auroc_ci"][0] <= m["auroc"] <= m["auroc_ci"][1]
     for key in ("auprc", "ece", "brier"):
         assert m[key] is not None
+    assert 0 < m["ece_if_calibrated"]["mean"] <= m["ece_if_calibrated"]["p95"]
     assert set(m["operating_points"]) == {"warning", "critical"}
     assert set(metrics["sites"]) == {"A", "B"}
     assert set(metrics["subgroups"]["sex"]) == {"female", "male"}
