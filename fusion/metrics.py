@@ -25,12 +25,17 @@ def auprc(y: np.ndarray, p: np.ndarray) -> float:
     return float(average_precision_score(y, p)) if 0 < np.sum(y) < len(y) else float("nan")
 
 
+def _bin_index(p: np.ndarray, bins: int) -> np.ndarray:
+    """Equal-width probability bin of each prediction; 1.0 falls in the last bin."""
+    return np.clip((p * bins).astype(int), 0, bins - 1)
+
+
 def ece(y: np.ndarray, p: np.ndarray, bins: int = N_BINS) -> float:
     """Expected calibration error over equal-width probability bins."""
     y, p = np.asarray(y, float), np.asarray(p, float)
     if len(y) == 0:
         return float("nan")
-    which = np.clip((p * bins).astype(int), 0, bins - 1)
+    which = _bin_index(p, bins)
     total = 0.0
     for b in range(bins):
         sel = which == b
@@ -49,7 +54,7 @@ def ece_if_calibrated(
     p = np.asarray(p, float)
     if len(p) == 0:
         return {"mean": None, "p95": None}
-    which = np.clip((p * bins).astype(int), 0, bins - 1)
+    which = _bin_index(p, bins)
     onehot = np.eye(bins)[which]  # (n, bins)
     y = np.random.default_rng(seed).random((draws, len(p))) < p
     gaps = np.abs((p - y) @ onehot).sum(axis=1) / len(p)  # per draw: sum_b |sum_b (p - y)| / n
@@ -58,7 +63,7 @@ def ece_if_calibrated(
 
 def reliability(y: np.ndarray, p: np.ndarray, bins: int = N_BINS) -> list[dict[str, float]]:
     y, p = np.asarray(y, float), np.asarray(p, float)
-    which = np.clip((p * bins).astype(int), 0, bins - 1)
+    which = _bin_index(p, bins)
     out = []
     for b in range(bins):
         sel = which == b
