@@ -45,7 +45,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import ResNetConfig, ResNetModel, ViTConfig, ViTModel, pipeline
 
 from mmcds.encoders.image import ImageEncoder
-from mmcds.encoders.onnx import available_cores, select_backend
+from mmcds.encoders.onnx import available_cores
 from mmcds.records import Note
 
 REPO = Path(__file__).resolve().parent.parent
@@ -185,7 +185,7 @@ def bench_image_model(
         "onnx_load_or_export_s": onnx_load_s,
         "int8_quantize_or_load_s": int8_s,
         "int8_calibration_images": len(calibration),
-        "default_backend": select_backend("auto", str(folder), cuda=torch.cuda.is_available()),
+        "default_backend": ImageEncoder.from_pretrained(str(folder), backend="auto").backend,
         "paths": {},
     }
     reference = eager.embed(images)

@@ -25,10 +25,6 @@ import torch
 from transformers import (
     AutoImageProcessor,
     PreTrainedModel,
-    ResNetConfig,
-    ResNetModel,
-    ViTConfig,
-    ViTModel,
 )
 
 from mmcds.encoders.checkpoint import (
@@ -49,14 +45,15 @@ __all__ = [
     "CheckpointError",
     "FeatureMaps",
     "ImageEncoder",
-    "build_tiny_cnn",
-    "build_tiny_vit",
     "select_device",
 ]
 
 ImageKind = Literal["cnn", "vit"]
 Pooling = Literal["cls", "mean"]
 Backend = Literal["torch", "onnx", "onnx-int8"]
+# "auto": PyTorch on CUDA; on a CPU the int8 graph when one was built for these weights, else
+# fp32 ONNX (the fast CPU path, benchmarks/encoders.py).
+BackendChoice = Literal["auto", "torch", "onnx", "onnx-int8"]
 
 # Backbones whose outputs this module knows how to pool and explain. CNNs: 4-D last_hidden_state
 # and a pooler_output; ViTs: a CLS token first in last_hidden_state.
@@ -156,17 +153,21 @@ class ImageEncoder:
         device: str | None = None,
         dtype: str | None = None,
         batch_size: int = 8,
-        backend: Backend = "torch",
+        backend: BackendChoice = "torch",
         pooling: Pooling = "cls",
         onnx_threads: int | None = None,
     ) -> ImageEncoder:
         """Load a CNN or ViT checkpoint (hub id or local folder, safetensors only, every key
         matched). ``backend="onnx"`` runs inference in ONNX Runtime on the CPU (exported once,
         cached next to the checkpoint); ``"onnx-int8"`` runs the int8 graph ``quantize`` wrote
-        there; ``feature_maps`` always runs in PyTorch. ``model_id`` names the checkpoint
-        whatever the backend (as for fp16 on GPUs); ``backend`` tells them apart."""
+        there; ``"auto"`` picks one of the three (``BackendChoice``); ``feature_maps`` always
+        runs in PyTorch. ``model_id`` names the checkpoint whatever the backend (as for fp16 on
+        GPUs); ``backend`` tells them apart."""
         folder = resolve_checkpoint(name_or_path)
-        files = weight_files(folder)
+        model_id = model_id_for(name_or_path, weight_files(folder))
+        processor = AutoImageProcessor.from_pretrained(folder)
+        if backend == "auto":
+            backend = _auto_backend(folder, model_id, pooling, processor, device)
         full, config = load_strict(folder)
         model_type = config.model_type
         if model_type in CNN_TYPES:
@@ -190,7 +191,6 @@ class ImageEncoder:
         # A classification checkpoint was loaded with its head so every key matched; the
         # embedding is the body's output.
         backbone = cast(PreTrainedModel, full.base_model.to(device=dev, dtype=dt))
-        processor = AutoImageProcessor.from_pretrained(folder)
         head = getattr(full, "classifier", None) if kind == "cnn" else None
         id2label: dict[Any, str] = dict(config.id2label or {})
         labels = [str(id2label[k]) for k in sorted(id2label, key=int)]
@@ -199,7 +199,7 @@ class ImageEncoder:
         return cls(
             model=backbone,
             processor=processor,
-            model_id=model_id_for(name_or_path, files),
+            model_id=model_id,
             kind=kind,
             folder=folder,
             device=dev,
@@ -356,6 +356,17 @@ class ImageEncoder:
         )
 
 
+def _auto_backend(
+    folder: Path, model_id: str, pooling: Pooling, processor: Any, device: str | None
+) -> Backend:
+    if select_device(device).type == "cuda":
+        return "torch"
+    from mmcds.encoders.onnx import current_int8, fp32_graph_path
+
+    built = current_int8(fp32_graph_path(folder, model_id, pooling, processor))
+    return "onnx" if built is None else "onnx-int8"
+
+
 def _grad_mode(grad: bool) -> Any:
     return torch.enable_grad() if grad else torch.inference_mode()
 
@@ -363,68 +374,3 @@ def _grad_mode(grad: bool) -> Any:
 def _pixels_hash(pixels: np.ndarray) -> str:
     arr = np.ascontiguousarray(pixels)
     return content_hash(f"{arr.dtype}{arr.shape}".encode() + arr.tobytes())
-
-
-# -- tiny checkpoints for tests and the demo (random init; no hub here) -------------------
-
-
-def _save_processor(processor: Any, path: Path) -> None:
-    processor.save_pretrained(path)
-
-
-def build_tiny_cnn(
-    path: Path,
-    *,
-    seed: int = 0,
-    image_size: int = 224,
-    hidden_sizes: Sequence[int] = (16, 32, 64),
-) -> Path:
-    """A 3-stage ResNet (about 100k weights), random weights, with a plain-resize processor (to
-    image_size square, ImageNet mean/std).
-
-    Three stages, not the usual four: the last feature map is 14x14 at 224, not 7x7, so Grad-CAM
-    can tell a lateral pneumothorax rim or a basal effusion from the chest wall next to it; it
-    also trained to a lower validation loss than 8-16-24-32 or 16-32-64-128 on the synthetic
-    cohort (``mmcds/EXPLAIN_RESULTS.md``).
-
-    No centre crop, unlike ResNet's own processor (crop_pct 0.875): on a chest film the crop
-    removes the costophrenic angles and the apices, exactly where effusions and pneumothoraces
-    sit, so the model could neither learn nor show them there."""
-    from transformers.models.vit import ViTImageProcessorPil
-
-    torch.manual_seed(seed)
-    config = ResNetConfig(
-        embedding_size=int(hidden_sizes[0]),
-        hidden_sizes=[int(h) for h in hidden_sizes],
-        depths=[1] * len(hidden_sizes),
-        layer_type="basic",
-    )
-    ResNetModel(config).save_pretrained(path)
-    _save_processor(
-        ViTImageProcessorPil(
-            size={"height": image_size, "width": image_size},
-            image_mean=[0.485, 0.456, 0.406],
-            image_std=[0.229, 0.224, 0.225],
-        ),
-        path,
-    )
-    return path
-
-
-def build_tiny_vit(path: Path, *, seed: int = 0, image_size: int = 224) -> Path:
-    """A 2-layer ViT (hidden 32, patch 16), random weights, with ViT's processor (resize to
-    image_size square, mean/std 0.5)."""
-    from transformers.models.vit import ViTImageProcessorPil
-
-    torch.manual_seed(seed)
-    config = ViTConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        image_size=image_size,
-        patch_size=16,
-    )
-    ViTModel(config).save_pretrained(path)
-    _save_processor(ViTImageProcessorPil(size={"height": image_size, "width": image_size}), path)
-    return path

@@ -27,22 +27,18 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, cast, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
 import onnxruntime as ort
 import torch
-from transformers import AutoImageProcessor
 
 from mmcds.encoders.checkpoint import (
     CheckpointError,
-    model_id_for,
-    resolve_checkpoint,
-    weight_files,
 )
 
 if TYPE_CHECKING:
-    from mmcds.encoders.image import Backend, Pooling
+    from mmcds.encoders.image import Pooling
 
 ONNX_OPSET = 17
 INPUT_NAME = "pixel_values"
@@ -230,23 +226,6 @@ def load_int8(fp32: Path, *, threads: int | None = None) -> OrtEmbedder:
         )
     path, recipe = current
     return OrtEmbedder(path, threads=threads, per_image=recipe == "dynamic")
-
-
-def select_backend(
-    setting: str, name_or_path: str, *, cuda: bool, pooling: Pooling = "cls"
-) -> Backend:
-    """The backend ``image_backend=setting`` means for this checkpoint: ``"auto"`` is PyTorch
-    on CUDA, and on a CPU the int8 graph when one was built for these weights, else fp32 ONNX.
-    Loads no model (it hashes the weights for the id and reads the processor)."""
-    if setting != "auto":
-        return cast("Backend", setting)
-    if cuda:
-        return "torch"
-    folder = resolve_checkpoint(name_or_path)
-    model_id = model_id_for(name_or_path, weight_files(folder))
-    processor = AutoImageProcessor.from_pretrained(folder)
-    int8 = current_int8(fp32_graph_path(folder, model_id, pooling, processor))
-    return "onnx" if int8 is None else "onnx-int8"
 
 
 class _Calibration:

@@ -32,7 +32,8 @@ from transformers import (
     ViTForImageClassification,
 )
 
-from mmcds.encoders.image import ImageEncoder, build_tiny_cnn, build_tiny_vit
+from mmcds.encoders.image import ImageEncoder
+from mmcds.encoders.tiny import build_tiny_cnn, build_tiny_vit
 from mmcds.fusion.train import set_seeds
 
 log = logging.getLogger(__name__)

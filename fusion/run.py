@@ -20,9 +20,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from mmcds.dataset import Example, iter_examples
-from mmcds.encoders.image import ImageEncoder, build_tiny_cnn, build_tiny_vit
+from mmcds.encoders.image import ImageEncoder
 from mmcds.encoders.labs import LabEncoder
 from mmcds.encoders.text import Chunk, TextEncoder
+from mmcds.encoders.tiny import build_tiny_cnn, build_tiny_vit
 from mmcds.findings import FINDING_NAMES
 from mmcds.fusion.calibrate import Method, SiteRule, fit_calibration, operating_points
 from mmcds.fusion.card import model_card
@@ -304,7 +305,7 @@ def evaluate_cohort(
 
 def quantize(encoder: ImageEncoder, pixels: Sequence[np.ndarray]) -> ImageEncoder:
     """The encoder on its int8 graph, the one the service's default CPU path runs
-    (``select_backend``), calibrated on training radiographs: the activation ranges must come
+    (``backend="auto"``), calibrated on training radiographs: the activation ranges must come
     from images like those the service will see. Training embeds through it too, so the fusion
     model learns on exactly the embeddings it will be served."""
     step = max(1, len(pixels) // INT8_CALIBRATION_IMAGES)

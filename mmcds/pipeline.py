@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmcds.encoders.image import ImageEncoder, build_tiny_cnn, build_tiny_vit
+from mmcds.encoders.image import ImageEncoder
 from mmcds.encoders.labs import LabEncoder
-from mmcds.encoders.onnx import select_backend
 from mmcds.encoders.text import TextEncoder
+from mmcds.encoders.tiny import build_tiny_cnn, build_tiny_vit
 from mmcds.fusion.model import FusionConfig, FusionModel
 from mmcds.records import (
     Assessment,
@@ -81,16 +81,9 @@ class Pipeline:
             if trained and (trained / "vit" / "config.json").is_file()
             else str(_ensure(model_dir / "tiny-vit", build_tiny_vit))
         )
-        # "auto": ONNX Runtime is the fast CPU path, int8 where a graph was built for the
-        # checkpoint (benchmarks/encoders.py); GPUs run PyTorch. Chosen per encoder: one may
-        # have an int8 graph and the other not.
-        cuda = torch.cuda.is_available()
-        cnn = ImageEncoder.from_pretrained(
-            cnn_path, backend=select_backend(settings.image_backend, cnn_path, cuda=cuda)
-        )
-        vit = ImageEncoder.from_pretrained(
-            vit_path, backend=select_backend(settings.image_backend, vit_path, cuda=cuda)
-        )
+        # "auto" is resolved per encoder: one may have an int8 graph and the other not
+        cnn = ImageEncoder.from_pretrained(cnn_path, backend=settings.image_backend)
+        vit = ImageEncoder.from_pretrained(vit_path, backend=settings.image_backend)
         text = TextEncoder.from_pretrained(settings.text_model or None)
         if settings.fusion_model:
             fusion = FusionModel.from_pretrained(settings.fusion_model)

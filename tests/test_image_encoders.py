@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mmcds.encoders.checkpoint import CheckpointError
-from mmcds.encoders.image import ImageEncoder, build_tiny_cnn, build_tiny_vit
-from mmcds.encoders.onnx import select_backend
+from mmcds.encoders.image import ImageEncoder
+from mmcds.encoders.tiny import build_tiny_cnn, build_tiny_vit
 from mmcds.records import ImageInput
 
 IMAGE_SIZE = 64  # small inputs keep the suite fast; the code path is the same as at 224
@@ -218,17 +218,17 @@ def test_auto_backend_picks_int8_only_when_built_for_these_weights(
 ) -> None:
     folder = _copy_checkpoint(checkpoint, tmp_path / "ckpt")
     path = str(folder)
-    assert select_backend("auto", path, cuda=False) == "onnx"
+    assert ImageEncoder.from_pretrained(path, backend="auto", device="cpu").backend == "onnx"
     ImageEncoder.from_pretrained(path, device="cpu").quantize(_calibration(10))
-    assert select_backend("auto", path, cuda=False) == "onnx-int8"
-    assert select_backend("auto", path, cuda=True) == "torch"
-    assert select_backend("onnx", path, cuda=False) == "onnx"  # an explicit choice stands
+    assert ImageEncoder.from_pretrained(path, backend="auto", device="cpu").backend == "onnx-int8"
+    explicit = ImageEncoder.from_pretrained(path, backend="onnx", device="cpu")
+    assert explicit.backend == "onnx"  # an explicit choice stands
     # New weights in the same folder: the int8 graph belongs to the old ones.
     weights = load_file(folder / "model.safetensors")
     name = sorted(weights)[0]
     weights[name] = weights[name] + 0.01
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
-    assert select_backend("auto", path, cuda=False) == "onnx"
+    assert ImageEncoder.from_pretrained(path, backend="auto", device="cpu").backend == "onnx"
 
 
 @pytest.mark.parametrize("fault", ["renamed", "removed"])
