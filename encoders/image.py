@@ -45,6 +45,7 @@ __all__ = [
     "CheckpointError",
     "FeatureMaps",
     "ImageEncoder",
+    "auto_backend",
     "select_device",
 ]
 
@@ -167,7 +168,8 @@ class ImageEncoder:
         model_id = model_id_for(name_or_path, weight_files(folder))
         processor = AutoImageProcessor.from_pretrained(folder)
         if backend == "auto":
-            backend = _auto_backend(folder, model_id, pooling, processor, device)
+            cuda = select_device(device).type == "cuda"
+            backend = auto_backend(folder, model_id, pooling, processor, cuda=cuda)
         full, config = load_strict(folder)
         model_type = config.model_type
         if model_type in CNN_TYPES:
@@ -356,10 +358,12 @@ class ImageEncoder:
         )
 
 
-def _auto_backend(
-    folder: Path, model_id: str, pooling: Pooling, processor: Any, device: str | None
+def auto_backend(
+    folder: Path, model_id: str, pooling: Pooling, processor: Any, *, cuda: bool
 ) -> Backend:
-    if select_device(device).type == "cuda":
+    """What ``backend="auto"`` means for this checkpoint: PyTorch on CUDA; on a CPU the int8
+    graph when one was built for these weights, else fp32 ONNX."""
+    if cuda:
         return "torch"
     from mmcds.encoders.onnx import current_int8, fp32_graph_path
 

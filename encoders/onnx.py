@@ -33,9 +33,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from mmcds.encoders.checkpoint import (
-    CheckpointError,
-)
+from mmcds.encoders.checkpoint import CheckpointError
 
 if TYPE_CHECKING:
     from mmcds.encoders.image import Pooling

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mmcds.encoders.checkpoint import CheckpointError
-from mmcds.encoders.image import ImageEncoder
+from mmcds.encoders.image import ImageEncoder, auto_backend
 from mmcds.encoders.tiny import build_tiny_cnn, build_tiny_vit
 from mmcds.records import ImageInput
 
@@ -223,6 +223,8 @@ def test_auto_backend_picks_int8_only_when_built_for_these_weights(
     assert ImageEncoder.from_pretrained(path, backend="auto", device="cpu").backend == "onnx-int8"
     explicit = ImageEncoder.from_pretrained(path, backend="onnx", device="cpu")
     assert explicit.backend == "onnx"  # an explicit choice stands
+    model_id, processor = explicit.model_id, explicit.processor
+    assert auto_backend(folder, model_id, "cls", processor, cuda=True) == "torch"
     # New weights in the same folder: the int8 graph belongs to the old ones.
     weights = load_file(folder / "model.safetensors")
     name = sorted(weights)[0]
