@@ -22,10 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 import torch
-from transformers import (
-    AutoImageProcessor,
-    PreTrainedModel,
-)
+from transformers import AutoImageProcessor, PreTrainedModel
 
 from mmcds.encoders.checkpoint import (
     CheckpointError,

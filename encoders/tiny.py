@@ -9,14 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 from transformers import ResNetConfig, ResNetModel, ViTConfig, ViTModel
-
-
-def _save_processor(processor: Any, path: Path) -> None:
-    processor.save_pretrained(path)
 
 
 def build_tiny_cnn(
@@ -47,14 +42,11 @@ def build_tiny_cnn(
         layer_type="basic",
     )
     ResNetModel(config).save_pretrained(path)
-    _save_processor(
-        ViTImageProcessorPil(
-            size={"height": image_size, "width": image_size},
-            image_mean=[0.485, 0.456, 0.406],
-            image_std=[0.229, 0.224, 0.225],
-        ),
-        path,
-    )
+    ViTImageProcessorPil(
+        size={"height": image_size, "width": image_size},
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+    ).save_pretrained(path)
     return path
 
 
@@ -73,5 +65,5 @@ def build_tiny_vit(path: Path, *, seed: int = 0, image_size: int = 224) -> Path:
         patch_size=16,
     )
     ViTModel(config).save_pretrained(path)
-    _save_processor(ViTImageProcessorPil(size={"height": image_size, "width": image_size}), path)
+    ViTImageProcessorPil(size={"height": image_size, "width": image_size}).save_pretrained(path)
     return path
