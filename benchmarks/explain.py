@@ -15,6 +15,8 @@ cohort is generated (--patients, --seed).
   the width of a pleural line and a miss into the other lung score the same in the pointing
   game, not here;
 - box IoU: the top derived box against the bounding box of the mask;
+- ablation (``--ablation``): the same figures for each part of the CNN heatmap alone (Grad-CAM,
+  occlusion), on the same images in the same run;
 - randomisation: Spearman rank correlation between a heatmap and the same heatmap after the
   backbone's weights are re-drawn at random (low = the method depends on the weights).
 """
@@ -39,6 +41,7 @@ from scipy.stats import spearmanr
 
 from mmcds.dataset import Example, iter_examples
 from mmcds.encoders.explain_image import (
+    CNN_HEATMAPS,
     CNN_METHOD,
     CNN_STAGES,
     VIT_METHOD,
@@ -51,6 +54,7 @@ from mmcds.encoders.text import TextEncoder
 from mmcds.explain import explain
 from mmcds.fusion.model import FusionModel, batch_from_encodings
 from mmcds.pipeline import Pipeline
+from mmcds.records import ImageSaliency
 from mmcds.settings import Settings
 from mmcds.store import EmbeddingCache
 
@@ -103,6 +107,26 @@ def randomised(encoder: ImageEncoder, seed: int) -> ImageEncoder:
     return out
 
 
+Scores = dict[str, dict[str, dict[str, list[float]]]]  # figure -> method -> finding -> values
+
+
+def score_maps(maps: list[ImageSaliency], ex: Example, scores: Scores) -> None:
+    """Pointing, peak distance and box IoU of each map whose finding ``ex`` has, with a mask."""
+    for s in maps:
+        path = ex.masks.get(f"{s.sop_uid}:{s.finding}")
+        if path is None or not ex.labels.get(s.finding):
+            continue
+        mask = np.asarray(Image.open(path)) > 0
+        if not mask.any():
+            continue
+        y, x = np.unravel_index(int(np.argmax(s.heatmap)), s.heatmap.shape)
+        hit = float(mask[y, x]) if s.heatmap.max() > 0 else 0.0
+        off = float(ndimage.distance_transform_edt(~mask)[y, x]) / mask.shape[1]
+        iou = box_iou(s.boxes[0][:4], mask) if s.boxes else 0.0
+        for figure, value in (("pointing", hit), ("distance", 100.0 * off), ("iou", iou)):
+            scores[figure].setdefault(s.method, {}).setdefault(s.finding, []).append(value)
+
+
 def summarise(values: list[float]) -> dict[str, float]:
     arr = np.asarray(values, dtype=float)
     if arr.size == 0:
@@ -134,6 +158,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default="auto",
         help="auto: the CNN's own head logit where it has one; fusion: the fusion logit",
     )
+    ap.add_argument(
+        "--ablation",
+        action="store_true",
+        help="also score Grad-CAM and occlusion alone (the parts of the CNN heatmap)",
+    )
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     if args.threads:
@@ -159,9 +188,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             break
     latency: list[float] = []
     parts: dict[str, list[float]] = {}
-    hits: dict[str, dict[str, list[float]]] = {CNN_METHOD: {}, VIT_METHOD: {}}
-    ious: dict[str, dict[str, list[float]]] = {CNN_METHOD: {}, VIT_METHOD: {}}
-    distances: dict[str, dict[str, list[float]]] = {CNN_METHOD: {}, VIT_METHOD: {}}
+    scores: Scores = {"pointing": {}, "distance": {}, "iou": {}}
+    ablation = [h for h in CNN_HEATMAPS if f"{h}-cnn" != CNN_METHOD] if args.ablation else []
     rand_pairs: list[tuple[Any, Any]] = []
     explain(pipe, pipe.analyse(examples[0].record))  # warm-up: first-call costs are not per patient
     for ex in examples:
@@ -171,20 +199,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         latency.append(time.perf_counter() - start)
         for k, v in exp.seconds.items():
             parts.setdefault(k, []).append(v)
-        for s in exp.images:
-            path = ex.masks.get(f"{s.sop_uid}:{s.finding}")
-            if path is None or not ex.labels.get(s.finding):
-                continue
-            mask = np.asarray(Image.open(path)) > 0
-            if not mask.any():
-                continue
-            y, x = np.unravel_index(int(np.argmax(s.heatmap)), s.heatmap.shape)
-            hit = float(mask[y, x]) if s.heatmap.max() > 0 else 0.0
-            hits[s.method].setdefault(s.finding, []).append(hit)
-            off = float(ndimage.distance_transform_edt(~mask)[y, x]) / mask.shape[1]
-            distances[s.method].setdefault(s.finding, []).append(100.0 * off)
-            iou = box_iou(s.boxes[0][:4], mask) if s.boxes else 0.0
-            ious[s.method].setdefault(s.finding, []).append(iou)
+        score_maps(exp.images, ex, scores)
+        if ablation and analysis.record.images:
+            batch = batch_from_encodings(pipe.fusion.config, [analysis.encodings])
+            for part in ablation:
+                maps = image_saliency(
+                    pipe.cnn, pipe.vit, pipe.fusion, batch, analysis.record.images, cnn_heatmap=part
+                )
+                score_maps([m for m in maps if m.method != VIT_METHOD], ex, scores)
         if len(rand_pairs) < args.random_images and ex.record.images:
             rand_pairs.append((analysis, exp))
     rho: dict[str, list[float]] = {CNN_METHOD: [], VIT_METHOD: []}
@@ -217,11 +239,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
         "cnn_explains": {f: cnn_target(pipe.cnn, f) for f in pipe.fusion.config.findings},
         "cnn_stages": list(CNN_STAGES),
-        "pointing_game": {m: {f: summarise(v) for f, v in by.items()} for m, by in hits.items()},
-        "peak_distance_pct_width": {
-            m: {f: summarise(v) for f, v in by.items()} for m, by in distances.items()
+        **{
+            name: {m: {f: summarise(v) for f, v in by.items()} for m, by in scores[key].items()}
+            for name, key in (
+                ("pointing_game", "pointing"),
+                ("peak_distance_pct_width", "distance"),
+                ("box_iou", "iou"),
+            )
         },
-        "box_iou": {m: {f: summarise(v) for f, v in by.items()} for m, by in ious.items()},
         "randomisation_spearman": {m: summarise(v) for m, v in rho.items()},
     }
     text = json.dumps(result, indent=1)

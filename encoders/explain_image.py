@@ -1,4 +1,4 @@
-"""Image saliency: Grad-CAM for the CNN, grad-weighted rollout for the ViT through the fusion model.
+"""Image saliency: Grad-CAM gated by occlusion for the CNN, grad-weighted rollout for the ViT.
 
 What each heatmap explains:
 
@@ -9,7 +9,15 @@ What each heatmap explains:
   gradient localised worse (``mmcds/EXPLAIN_RESULTS.md``). A CNN without a head for the finding
   (a plain backbone) falls back to the fusion logit. Grad-CAM (Selvaraju et al. 2017) on the
   chosen stage outputs (``CNN_STAGES``); the tiny and the usual CXR CNNs pool by global
-  average, for which Grad-CAM on the last map equals HiResCAM (Draelos & Carin 2020).
+  average, for which Grad-CAM on the last map equals HiResCAM (Draelos & Carin 2020). The CNN
+  heatmap is the geometric mean of that Grad-CAM and the occlusion sensitivity of the same score
+  (Zeiler & Fergus 2014: how much the score drops when a square of the input is hidden), both
+  max-normalised: a region is hot only where the finding's features fire *and* hiding it lowers
+  the score. Each alone failed in its own way on the synthetic lesion masks (validation split,
+  ``mmcds/EXPLAIN_RESULTS.md``): Grad-CAM of a pneumothorax peaks inside the collapsed lung,
+  whose features carry the logit, while hiding the air rim is what lowers it; occlusion of an
+  effusion or a pneumonia peaks at its edge, because a grey square over fluid or consolidation
+  changes little.
 - ViT: the fusion logit, differentiated through the image token.
 
 Both live on the model's input grid (after the checkpoint's resize and any crop), so each is
@@ -22,9 +30,10 @@ shape (``probe_geometry``) rather than re-derived from each processor's options.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -35,11 +44,20 @@ from mmcds.encoders.image import FeatureMaps, ImageEncoder
 from mmcds.fusion.model import FusionBatch, FusionModel
 from mmcds.records import ImageInput, ImageSaliency
 
-CNN_METHOD = "gradcam-cnn"
+# What the CNN heatmap is: the default, or one of its two parts (for the benchmark's ablation).
+CnnHeatmap = Literal["gradcam-occlusion", "gradcam", "occlusion"]
+CNN_HEATMAPS: tuple[CnnHeatmap, ...] = get_args(CnnHeatmap)
+CNN_METHOD = "gradcam-occlusion-cnn"
 VIT_METHOD = "grad-rollout-vit"
 BOX_THRESHOLD = 0.5  # a region is where the heatmap is at least half its maximum
 MAX_BOXES = 3
 CNN_STAGES = (-1,)  # ResNet stage outputs Grad-CAM uses (see image_saliency)
+# Occlusion squares, as fractions of the model input's side (32 px at 224, moved by 16 px): about
+# one lesion's width on the synthetic cohort, and half-overlapping so every region is hidden in
+# four placements rather than cut by a grid line.
+OCCLUSION_PATCH = 1 / 7
+OCCLUSION_STRIDE = 1 / 14
+OCCLUSION_BATCH = 64
 
 
 @dataclass(frozen=True)
@@ -165,6 +183,84 @@ def _norm_maps(maps: Sequence[torch.Tensor]) -> torch.Tensor:
     return out
 
 
+def occlusion_sensitivity(
+    pixel_values: torch.Tensor, score: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """How much each score drops when a square of one image is hidden: (F, h, w) on the input grid.
+
+    ``pixel_values`` (3, h, w) is one preprocessed image; ``score`` maps a batch of such images
+    to (batch, F) scores. A square is hidden by setting it to 0, the processor's mean intensity
+    after normalisation (the usual grey occluder). Each pixel gets the mean drop over the squares
+    that hide it; rises (hiding made the finding more likely) count as 0, as in Grad-CAM's ReLU.
+    """
+    _, h, w = pixel_values.shape
+    ph, pw = max(1, round(h * OCCLUSION_PATCH)), max(1, round(w * OCCLUSION_PATCH))
+    sh, sw = max(1, round(h * OCCLUSION_STRIDE)), max(1, round(w * OCCLUSION_STRIDE))
+    places = [(y, x) for y in range(0, h - ph + 1, sh) for x in range(0, w - pw + 1, sw)]
+    with torch.inference_mode():
+        base = score(pixel_values[None])[0]
+        drops = []
+        for at in range(0, len(places), OCCLUSION_BATCH):
+            chunk = places[at : at + OCCLUSION_BATCH]
+            hidden = pixel_values.expand(len(chunk), -1, -1, -1).clone()
+            for i, (y, x) in enumerate(chunk):
+                hidden[i, :, y : y + ph, x : x + pw] = 0
+            drops.append(base[None] - score(hidden))
+        drop = torch.cat(drops).float().cpu()
+    total = torch.zeros(drop.shape[1], h, w)
+    count = torch.zeros(h, w)
+    for (y, x), d in zip(places, drop, strict=True):
+        total[:, y : y + ph, x : x + pw] += d[:, None, None]
+        count[y : y + ph, x : x + pw] += 1
+    return torch.relu(total / count.clamp(min=1))
+
+
+def _occlusion_score(
+    cnn: ImageEncoder,
+    fusion: FusionModel,
+    batch: FusionBatch,
+    vit_embedding: torch.Tensor,
+    slot: int,
+    targets: Sequence[tuple[str, int]],
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The scores the CNN heatmaps explain, as a function of the CNN's input for one image:
+    per target ``("head", i)`` the CNN's own logit ``i``, ``("fusion", f)`` the fusion logit ``f``
+    with this image's token (``slot``) rebuilt from the CNN embedding of that input."""
+
+    def score(pixel_values: torch.Tensor) -> torch.Tensor:
+        n = len(pixel_values)
+        pooled = cnn.model(pixel_values=pixel_values).pooler_output.flatten(1)
+        by_kind: dict[str, torch.Tensor] = {}
+        if cnn.head is not None:
+            by_kind["head"] = cnn.head(pooled)
+        if any(kind == "fusion" for kind, _ in targets):
+            tokens = {m: t.expand(n, -1, -1).clone() for m, t in batch.tokens.items()}
+            vit = vit_embedding.expand(n, -1).to(tokens["image"].dtype)
+            tokens["image"][:, slot] = torch.cat([pooled.to(vit.dtype), vit], dim=1)
+            masks = {m: k.expand(n, -1) for m, k in batch.mask.items()}
+            by_kind["fusion"] = fusion(FusionBatch(tokens, masks))
+        return torch.stack([by_kind[kind][:, i].float() for kind, i in targets], dim=1)
+
+    return score
+
+
+def _cnn_heatmap(
+    kind: CnnHeatmap,
+    cam: torch.Tensor,
+    occluded: torch.Tensor | None,
+    j: int,
+    geometry: Geometry,
+    shape: tuple[int, int],
+) -> np.ndarray:
+    """The CNN heatmap on the original grid: Grad-CAM, occlusion (target ``j``), or both."""
+    grad_cam = normalise(to_original(cam, geometry, shape))
+    if kind == "gradcam":
+        return grad_cam
+    assert occluded is not None
+    occlusion = normalise(to_original(occluded[j], geometry, shape))
+    return occlusion if kind == "occlusion" else normalise(np.sqrt(grad_cam * occlusion))
+
+
 def cnn_target(cnn: ImageEncoder, finding: str) -> str:
     """What the CNN heatmap for ``finding`` explains: ``"head"`` (the fine-tuned CNN's own
     logit for that finding) when the checkpoint has a classification head naming it, otherwise
@@ -180,6 +276,7 @@ def image_saliency(
     images: Sequence[ImageInput],
     findings: Sequence[int] | None = None,
     cnn_stages: Sequence[int] = CNN_STAGES,
+    cnn_heatmap: CnnHeatmap = "gradcam-occlusion",
 ) -> list[ImageSaliency]:
     """Heatmaps for every image and finding, recomputed here with the graph kept.
 
@@ -190,7 +287,9 @@ def image_saliency(
     vector mixed with the ViT's and the other modalities, and its gradient localised worse
     (``mmcds/EXPLAIN_RESULTS.md``). ``cnn_stages`` picks the ResNet stage outputs used (-1 the
     last, 14x14 at 224 for the 3-stage tiny CNN; -2 the one before, 28x28); several are
-    multiplied after normalising, so a region must light up at both resolutions."""
+    multiplied after normalising, so a region must light up at both resolutions.
+    ``cnn_heatmap`` keeps only one part of the CNN heatmap (method ``"<part>-cnn"``): Grad-CAM or
+    occlusion alone, for comparisons; the default is their geometric mean."""
     cap = fusion.config.max_tokens["image"]
     images = list(images)[:cap]  # the fusion model never sees images beyond its cap
     if not images:
@@ -230,19 +329,39 @@ def image_saliency(
     atts = [a.detach().float() for a in vmaps.attentions]
     geo_c = [probe_geometry(cnn, im.pixels.shape[:2]) for im in images]
     geo_v = [probe_geometry(vit, im.pixels.shape[:2]) for im in images]
+    targets = [
+        ("head", cnn.labels.index(names[f]))
+        if cnn_target(cnn, names[f]) == "head"
+        else ("fusion", f)
+        for f in wanted
+    ]
+    # the fusion batch the Grad-CAM pass saw, every image token from the live encoders
+    live_batch = FusionBatch({m: t.detach() for m, t in tokens.items()}, batch.mask)
+    pixel_values = cmaps.pixel_values.detach()
+    vit_embedding = vmaps.embedding.detach().float()
+    occluded = [
+        occlusion_sensitivity(
+            pixel_values[k], _occlusion_score(cnn, fusion, live_batch, vit_embedding[k], k, targets)
+        )
+        if cnn_heatmap != "gradcam"
+        else None
+        for k in range(len(images))
+    ]
     out: list[ImageSaliency] = []
-    for f, grads in zip(wanted, grads_by_finding, strict=True):
+    for j, (f, grads) in enumerate(zip(wanted, grads_by_finding, strict=True)):
         n_s = len(fmaps)
         cams = [_gradcam(m, g.float()) for m, g in zip(fmaps, grads[:n_s], strict=True)]
         cam = cams[0] if n_s == 1 else _norm_maps(cams)
         roll = _rollout(atts, [g.float() for g in grads[n_s:]], vmaps.grid, vit.pooling == "cls")
         for k, im in enumerate(images):
             shape = (int(im.pixels.shape[0]), int(im.pixels.shape[1]))
-            for method, low, geo in (
-                (CNN_METHOD, cam[k], geo_c[k]),
-                (VIT_METHOD, roll[k], geo_v[k]),
+            for method, heat in (
+                (
+                    f"{cnn_heatmap}-cnn",
+                    _cnn_heatmap(cnn_heatmap, cam[k], occluded[k], j, geo_c[k], shape),
+                ),
+                (VIT_METHOD, normalise(to_original(roll[k], geo_v[k], shape))),
             ):
-                heat = normalise(to_original(low, geo, shape))
                 out.append(
                     ImageSaliency(im.sop_uid, names[f], method, heat, boxes_from_heatmap(heat))
                 )

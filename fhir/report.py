@@ -71,7 +71,7 @@ def _media(analysis: Analysis, explanation: Explanation, issued: str) -> list[di
     subject = {"reference": f"Patient/{analysis.record.patient.id}"}
     media = []
     for s in explanation.images:
-        if s.overlay_png is None or s.method != "gradcam-cnn":
+        if s.overlay_png is None or not s.method.endswith("-cnn"):  # any CNN explainer version
             continue
         title = f"AI saliency (preliminary): {BY_NAME[s.finding].display}, image {s.sop_uid}"
         media.append(

@@ -190,7 +190,7 @@ class ImageSaliency:
 
     sop_uid: str
     finding: str
-    method: str  # "gradcam-cnn" or "grad-rollout-vit"
+    method: str  # "gradcam-occlusion-cnn" or "grad-rollout-vit"
     heatmap: np.ndarray
     boxes: list[tuple[int, int, int, int, float]] = field(default_factory=list)
     overlay_png: bytes | None = None

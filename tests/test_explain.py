@@ -26,6 +26,7 @@ from mmcds.encoders.explain_image import (
     VIT_METHOD,
     cnn_target,
     image_saliency,
+    occlusion_sensitivity,
     probe_geometry,
 )
 from mmcds.encoders.image import ImageEncoder
@@ -133,6 +134,31 @@ def test_randomised_cnn_changes_the_heatmaps(
                 rhos.append(float(spearmanr(old.ravel(), s.heatmap.ravel())[0]))
     # the bound: heatmaps share at most a weak ordering
     assert float(np.mean(rhos)) < 0.5, rhos
+
+
+def test_occlusion_sensitivity_marks_what_the_score_reads() -> None:
+    """A score that reads one square of the input: only squares hiding it drop the score, the
+    map peaks inside it, rises are not counted, and a second score gets its own map."""
+    image = torch.zeros(3, 224, 224)
+    image[:, 100:130, 40:70] = 1.0  # what the first score reads
+    image[:, 10:40, 180:210] = -1.0  # the second score rises when this is hidden
+
+    def score(x: torch.Tensor) -> torch.Tensor:
+        return torch.stack(
+            [
+                x[:, :, 100:130, 40:70].mean(dim=(1, 2, 3)),
+                x[:, :, 10:40, 180:210].mean(dim=(1, 2, 3)),
+            ],
+            dim=1,
+        )
+
+    maps = occlusion_sensitivity(image, score)
+    assert maps.shape == (2, 224, 224)
+    first, second = maps[0].numpy(), maps[1].numpy()
+    y, x = np.unravel_index(int(np.argmax(first)), first.shape)
+    assert 100 <= y < 130 and 40 <= x < 70
+    assert first[:, 120:].max() == 0.0 and first[:60].max() == 0.0  # no square there hides it
+    assert second.max() == 0.0  # hiding made it rise: not evidence for it
 
 
 def test_cnn_heatmap_explains_its_own_head_when_it_has_one(
