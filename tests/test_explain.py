@@ -26,6 +26,7 @@ from mmcds.encoders.explain_image import (
     VIT_METHOD,
     cnn_target,
     image_saliency,
+    occluders,
     occlusion_sensitivity,
     probe_geometry,
 )
@@ -137,28 +138,29 @@ def test_randomised_cnn_changes_the_heatmaps(
 
 
 def test_occlusion_sensitivity_marks_what_the_score_reads() -> None:
-    """A score that reads one square of the input: only squares hiding it drop the score, the
-    map peaks inside it, rises are not counted, and a second score gets its own map."""
-    image = torch.zeros(3, 224, 224)
-    image[:, 100:130, 40:70] = 1.0  # what the first score reads
-    image[:, 10:40, 180:210] = -1.0  # the second score rises when this is hidden
+    """Scores that read one square of the input: only squares hiding it drop the score and the
+    map peaks inside it, whether a dark fill hides it (a dense square on air) or a grey one (a
+    lucent square); rises are not counted; every score gets its own map."""
+    image = torch.full((3, 224, 224), -1.0)  # dark: air
+    image[:, 100:130, 40:70] = 0.0  # dense as soft tissue: grey hides nothing here
+    assert occluders(image) == (0.0, -1.0)
+    dense, lucent = (slice(100, 130), slice(40, 70)), (slice(10, 40), slice(180, 210))
 
     def score(x: torch.Tensor) -> torch.Tensor:
-        return torch.stack(
-            [
-                x[:, :, 100:130, 40:70].mean(dim=(1, 2, 3)),
-                x[:, :, 10:40, 180:210].mean(dim=(1, 2, 3)),
-            ],
-            dim=1,
-        )
+        def read(where: tuple[slice, slice]) -> torch.Tensor:
+            return x[:, :, where[0], where[1]].mean(dim=(1, 2, 3))
 
-    maps = occlusion_sensitivity(image, score)
-    assert maps.shape == (2, 224, 224)
-    first, second = maps[0].numpy(), maps[1].numpy()
-    y, x = np.unravel_index(int(np.argmax(first)), first.shape)
-    assert 100 <= y < 130 and 40 <= x < 70
-    assert first[:, 120:].max() == 0.0 and first[:60].max() == 0.0  # no square there hides it
-    assert second.max() == 0.0  # hiding made it rise: not evidence for it
+        return torch.stack([read(dense), -read(lucent), read(lucent)], dim=1)
+
+    maps = occlusion_sensitivity(image, score).numpy()
+    assert maps.shape == (3, 224, 224)
+    for m, (ys, xs) in zip(maps[:2], (dense, lucent), strict=True):
+        y, x = np.unravel_index(int(np.argmax(m)), m.shape)
+        assert ys.start <= y < ys.stop and xs.start <= x < xs.stop
+        inside = np.zeros(m.shape, bool)  # pixels some square that overlaps the region covers
+        inside[max(0, ys.start - 31) : ys.stop + 31, max(0, xs.start - 31) : xs.stop + 31] = True
+        assert m[~inside].max() == 0.0
+    assert maps[2].max() == 0.0  # hiding made it rise: not evidence for it
 
 
 def test_cnn_heatmap_explains_its_own_head_when_it_has_one(
