@@ -24,7 +24,6 @@ cohort is generated (--patients, --seed).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import tempfile
@@ -59,15 +58,20 @@ from mmcds.settings import Settings
 from mmcds.store import EmbeddingCache
 
 
-def load_pipeline(model: Path | None, cache: str | None) -> Pipeline:
+def load_pipeline(model: Path | None, cache: str | None, threads: int) -> Pipeline:
     if model is None:
         root = Path(tempfile.mkdtemp())
         p = Pipeline.from_settings(
             Settings(model_dir=root, database_url=f"sqlite:///{root / 'c.db'}")
         )
     else:
-        cnn = ImageEncoder.from_pretrained(str(model / "cnn"))
-        vit = ImageEncoder.from_pretrained(str(model / "vit"))
+        # the service's CPU backends; ONNX Runtime on as many threads as torch, when set
+        cnn = ImageEncoder.from_pretrained(
+            str(model / "cnn"), backend="auto", onnx_threads=threads or None
+        )
+        vit = ImageEncoder.from_pretrained(
+            str(model / "vit"), backend="auto", onnx_threads=threads or None
+        )
         fusion = FusionModel.from_pretrained(model)
         p = Pipeline(
             cnn, vit, TextEncoder.from_pretrained(None), LabEncoder.from_pretrained(model), fusion
@@ -92,19 +96,6 @@ def box_iou(box: tuple[int, int, int, int], mask: np.ndarray) -> float:
     inter = iw * ih
     union = (x1 - x0) * (y1 - y0) + (tx1 - tx0) * (ty1 - ty0) - inter
     return float(inter / union) if union else 0.0
-
-
-def randomised(encoder: ImageEncoder, seed: int) -> ImageEncoder:
-    out = copy.copy(encoder)
-    out.model = copy.deepcopy(encoder.model)
-    out.embedder = copy.copy(encoder.embedder)
-    out.embedder.backbone = out.model
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in out.model.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, float(p.std()) or 0.02)
-    return out
 
 
 Scores = dict[str, dict[str, dict[str, list[float]]]]  # figure -> method -> finding -> values
@@ -173,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         data = Path(tempfile.mkdtemp()) / "cohort"
         generate_cohort(data, patients=args.patients, seed=args.seed)
-    pipe = load_pipeline(args.model, args.cache)
+    pipe = load_pipeline(args.model, args.cache, args.threads)
     if args.cnn_target == "fusion":
         pipe.cnn.head = None  # explain_image then differentiates the fusion logit
     keys = test_keys(args.model)
@@ -210,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if len(rand_pairs) < args.random_images and ex.record.images:
             rand_pairs.append((analysis, exp))
     rho: dict[str, list[float]] = {CNN_METHOD: [], VIT_METHOD: []}
-    r_cnn, r_vit = randomised(pipe.cnn, 1), randomised(pipe.vit, 2)
+    r_cnn, r_vit = pipe.cnn.randomised(1), pipe.vit.randomised(2)
     for analysis, exp in rand_pairs:
         batch = batch_from_encodings(pipe.fusion.config, [analysis.encodings])
         before = {(s.sop_uid, s.finding, s.method): s.heatmap for s in exp.images}

@@ -250,10 +250,10 @@ def _occlusion_score(
 
     def score(pixel_values: torch.Tensor) -> torch.Tensor:
         n = len(pixel_values)
-        pooled = cnn.model(pixel_values=pixel_values).pooler_output.flatten(1)
+        pooled = cnn.embed_float32(pixel_values).to(cnn.device)
         by_kind: dict[str, torch.Tensor] = {}
         if cnn.head is not None:
-            by_kind["head"] = cnn.head(pooled)
+            by_kind["head"] = cnn.head(pooled.to(cnn.dtype))
         if any(kind == "fusion" for kind, _ in targets):
             tokens = {m: t.expand(n, -1, -1).clone() for m, t in batch.tokens.items()}
             vit = vit_embedding.expand(n, -1).to(tokens["image"].dtype)

@@ -136,6 +136,7 @@ class ImageEncoder:
         # slower at batch 1 and 4x slower at batch 8 than NCHW, so the default layout stays.
         self.onnx_threads = onnx_threads
         self._ort: OrtEmbedder | None = None
+        self._ort_fp32: OrtEmbedder | None = None  # for embed_float32, made on first use
         if backend == "onnx":
             self._ort = self._fp32_graph()
         elif backend == "onnx-int8":
@@ -290,6 +291,19 @@ class ImageEncoder:
             emb = self.embedder(self._to_model(pixel_values))
         return emb.float().cpu().numpy()
 
+    def embed_float32(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, dim) float32 from ``preprocess`` output through the float32 weights, whatever
+        ``backend`` embeds with: what the PyTorch maps of ``feature_maps`` belong to, for the
+        many forward passes of occlusion. On the ONNX backends it runs the fp32 ONNX graph (the
+        same weights and function, exported once): 4-7x eager PyTorch on the tiny CNN."""
+        if self.backend == "torch":
+            with torch.inference_mode():
+                return self.embedder(self._to_model(pixel_values)).float()
+        if self._ort_fp32 is None:
+            self._ort_fp32 = self._ort if self.backend == "onnx" else self._fp32_graph()
+        assert self._ort_fp32 is not None
+        return torch.from_numpy(self._ort_fp32(pixel_values.detach().cpu().numpy()))
+
     def embed(self, pixels: Sequence[np.ndarray]) -> np.ndarray:
         """(n, dim) float32, in batches of at most ``batch_size`` images."""
         chunks = [
@@ -312,6 +326,23 @@ class ImageEncoder:
         )
 
     # -- for explanations -----------------------------------------------------------------
+
+    def randomised(self, seed: int) -> ImageEncoder:
+        """A copy whose backbone weights are re-drawn (each tensor from a normal of its own
+        std), for the model-randomisation check of saliency (Adebayo et al. 2018). It runs in
+        PyTorch only: a cached ONNX graph of this checkpoint holds the real weights."""
+        out = copy.copy(self)
+        out.model = copy.deepcopy(self.model)
+        out.embedder = _Embedder(out.model, self.kind, self.pooling).eval()
+        out.backend, out._ort, out._ort_fp32 = "torch", None, None
+        out.model_id = f"{self.model_id}+random{seed}"
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in out.model.parameters():
+                if p.dim() > 1:
+                    std = float(p.std()) or 0.02
+                    p.copy_(torch.randn(p.shape, generator=generator) * std)
+        return out
 
     def feature_maps(self, pixels: Sequence[np.ndarray], *, grad: bool = False) -> FeatureMaps:
         """One PyTorch forward pass keeping the maps explanations need. With ``grad=True`` the

@@ -113,12 +113,8 @@ def test_randomised_cnn_changes_the_heatmaps(
     pipeline: Pipeline, analysed: list[tuple[Analysis, Explanation]]
 ) -> None:
     """Adebayo et al. 2018: a saliency method that ignores the weights is an edge detector."""
-    random_cnn = copy.copy(pipeline.cnn)
-    random_cnn.model = copy.deepcopy(pipeline.cnn.model)
-    torch.manual_seed(123)
-    with torch.no_grad():
-        for p in random_cnn.model.parameters():
-            p.normal_(0.0, 0.1) if p.dim() > 1 else None
+    random_cnn = pipeline.cnn.randomised(123)
+    assert random_cnn.backend == "torch" and random_cnn.model_id != pipeline.cnn.model_id
     rhos = []
     for analysis, exp in analysed:
         batch = batch_from_encodings(pipeline.fusion.config, [analysis.encodings])
