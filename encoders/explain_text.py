@@ -13,6 +13,7 @@ every chunk, let alone Integrated Gradients through it, costs seconds):
    the ranking end to end (really deleting the spans from the notes and re-encoding).
 
 Offsets are character offsets into the source ``Note.text``: ``note.text[start:end] == text``.
+Section headers and the note's title line are not shown as evidence (``sections.is_label``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mmcds.encoders.sections import is_label
 from mmcds.encoders.text import Chunk, TextEncoder
 from mmcds.fusion.attribution import chunk_occlusion, logits, replaced_text_logits
 from mmcds.fusion.model import FusionBatch, FusionModel
@@ -156,7 +158,11 @@ def evidence_spans(
             whole = split[pos][0] if split[pos] else Sentence(0, len(chunk.text))
             a, b = (picked.start, picked.end) if picked else (whole.start, whole.end)
             start, end = chunk.start + a, chunk.start + b
-            if (chunk.note_ref, start, end) in seen:
+            # never shown as evidence: a label's deletion moves the mean-pooled embedding, but
+            # "PHYSICAL EXAM:" tells a clinician nothing
+            if (chunk.note_ref, start, end) in seen or is_label(
+                chunk.text[a:b], first_line=start == 0
+            ):
                 continue
             seen.add((chunk.note_ref, start, end))
             out.append(

@@ -90,3 +90,18 @@ def split_sections(text: str) -> list[Section]:
         end = starts[i + 1] if i + 1 < len(starts) else len(text)
         sections.append(Section(heads[at], at, end))
     return sections
+
+
+# A line that is only a label: words up to a colon with nothing after it ("PHYSICAL EXAM:").
+_LABEL_RE = re.compile(r"[^\n:]{1,60}:")
+
+
+def is_label(line: str, *, first_line: bool = False) -> bool:
+    """True for a line that only labels what follows and says nothing clinical itself: a header
+    with nothing after its colon (``"PHYSICAL EXAM:"``), or, as the note's first line, an
+    all-capitals title without sentence punctuation (``"PROGRESS NOTE - HOSPITAL DAY 2"``).
+    Capitals elsewhere are kept: some systems write whole findings that way."""
+    text = line.strip()
+    if _LABEL_RE.fullmatch(text):
+        return True
+    return first_line and text.isupper() and not text.endswith((".", ";", "!", "?"))

@@ -32,6 +32,7 @@ from mmcds.encoders.explain_image import (
 )
 from mmcds.encoders.image import ImageEncoder
 from mmcds.encoders.labs import empty_lab_frame
+from mmcds.encoders.sections import is_label
 from mmcds.explain import explain
 from mmcds.fusion.attribution import logits
 from mmcds.fusion.model import batch_from_encodings
@@ -245,8 +246,25 @@ def test_evidence_offsets_return_the_quoted_text(
         for span in exp.evidence:
             assert notes[span.note_ref][span.start : span.end] == span.text
             assert span.text.strip() == span.text and span.score > 0
+            assert not is_label(span.text, first_line=span.start == 0), span.text
             seen += 1
     assert seen > 0
+
+
+@pytest.mark.parametrize(
+    ("line", "first_line", "label"),
+    [
+        ("PHYSICAL EXAM:", False, True),
+        ("  Assessment and plan:", False, True),
+        ("PROGRESS NOTE - HOSPITAL DAY 2", True, True),
+        ("PROGRESS NOTE - HOSPITAL DAY 2", False, False),  # capitals mid-note may be a finding
+        ("NO PNEUMOTHORAX.", True, False),
+        ("IMPRESSION: Right lower lobe consolidation.", False, False),
+        ("Temp 38.9 C, productive cough.", True, False),
+    ],
+)
+def test_labels_are_told_from_sentences(line: str, first_line: bool, label: bool) -> None:
+    assert is_label(line, first_line=first_line) is label
 
 
 def _text_logits(
