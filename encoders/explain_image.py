@@ -183,16 +183,20 @@ def _norm_maps(maps: Sequence[torch.Tensor]) -> torch.Tensor:
     return out
 
 
-def occluders(pixel_values: torch.Tensor) -> tuple[float, float]:
-    """The two fills that hide a square of a radiograph, in normalised input units.
+def occluders(pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two fills that hide a square of a radiograph, per channel (C, 1, 1), in normalised
+    input units.
 
     A lesion is either more lucent than what it replaces (air: a pneumothorax) or denser (a
     consolidation, fluid, an enlarged heart). Grey, the processor's mean (0 after
-    normalisation), hides the first; the image's own dark level (its 5th percentile: air and
-    lung) hides the second. One grey occluder alone missed most consolidations and effusions on
-    the validation split, a dark one alone every pneumothorax (``mmcds/EXPLAIN_RESULTS.md``)."""
-    dark = float(torch.quantile(pixel_values.detach().float().flatten().cpu(), 0.05))
-    return 0.0, dark
+    normalisation), hides the first; the image's own dark level (each channel's 5th percentile:
+    air and lung) hides the second. One grey occluder alone missed most consolidations and
+    effusions on the validation split, a dark one alone every pneumothorax
+    (``mmcds/EXPLAIN_RESULTS.md``). Per channel, because a grey radiograph normalised with
+    per-channel means and stds (ImageNet's) has a different value in each."""
+    flat = pixel_values.detach().float().flatten(1)
+    dark = torch.quantile(flat, 0.05, dim=1).to(pixel_values.dtype)[:, None, None]
+    return torch.zeros_like(dark), dark
 
 
 def occlusion_sensitivity(

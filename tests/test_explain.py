@@ -140,7 +140,11 @@ def test_occlusion_sensitivity_marks_what_the_score_reads() -> None:
     lucent square); rises are not counted; every score gets its own map."""
     image = torch.full((3, 224, 224), -1.0)  # dark: air
     image[:, 100:130, 40:70] = 0.0  # dense as soft tissue: grey hides nothing here
-    assert occluders(image) == (0.0, -1.0)
+    grey, dark = occluders(image)
+    assert grey.shape == dark.shape == (3, 1, 1)
+    assert grey.eq(0).all() and dark.eq(-1).all()
+    tinted = image + torch.tensor([0.0, 0.1, 0.3])[:, None, None]  # ImageNet-normalised grey
+    assert torch.allclose(occluders(tinted)[1].flatten(), torch.tensor([-1.0, -0.9, -0.7]))
     dense, lucent = (slice(100, 130), slice(40, 70)), (slice(10, 40), slice(180, 210))
 
     def score(x: torch.Tensor) -> torch.Tensor:
