@@ -278,12 +278,14 @@ def _cnn_heatmap(
     shape: tuple[int, int],
 ) -> np.ndarray:
     """The CNN heatmap on the original grid: Grad-CAM, occlusion (target ``j``), or both."""
-    grad_cam = normalise(to_original(cam, geometry, shape))
     if kind == "gradcam":
-        return grad_cam
+        return normalise(to_original(cam, geometry, shape))
     assert occluded is not None
     occlusion = normalise(to_original(occluded[j], geometry, shape))
-    return occlusion if kind == "occlusion" else normalise(np.sqrt(grad_cam * occlusion))
+    if kind == "occlusion":
+        return occlusion
+    grad_cam = normalise(to_original(cam, geometry, shape))
+    return normalise(np.sqrt(grad_cam * occlusion))
 
 
 def cnn_target(cnn: ImageEncoder, finding: str) -> str:
@@ -307,7 +309,8 @@ def image_saliency(
 
     ViT: the fusion logit differentiated through the image tokens of ``batch`` (a one-patient
     batch whose first ``len(images)`` image tokens are these images, in order). CNN: Grad-CAM of
-    the score ``cnn_target`` names -- the fine-tuned CNN's own classification logit for the
+    the score ``cnn_target`` names, gated by that score's ``occlusion_sensitivity`` (module
+    docstring) -- the fine-tuned CNN's own classification logit for the
     finding when it has one, because the fusion logit reaches the CNN only through one pooled
     vector mixed with the ViT's and the other modalities, and its gradient localised worse
     (``mmcds/EXPLAIN_RESULTS.md``). ``cnn_stages`` picks the ResNet stage outputs used (-1 the
