@@ -191,7 +191,7 @@ def occluders(pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     consolidation, fluid, an enlarged heart). Grey, the processor's mean (0 after
     normalisation), hides the first; the image's own dark level (each channel's 5th percentile:
     air and lung) hides the second. One grey occluder alone missed most consolidations and
-    effusions on the validation split, a dark one alone every pneumothorax
+    effusions on the validation split, a dark one alone all but one pneumothorax
     (``mmcds/EXPLAIN_RESULTS.md``). Per channel, because a grey radiograph normalised with
     per-channel means and stds (ImageNet's) has a different value in each."""
     flat = pixel_values.detach().float().flatten(1)
