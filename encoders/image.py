@@ -296,7 +296,7 @@ class ImageEncoder:
         ``backend`` embeds with: what the PyTorch maps of ``feature_maps`` belong to, for the
         many forward passes of occlusion. On the ONNX backends it runs the fp32 ONNX graph (the
         same weights and function, exported once): with it one patient's explanation took p50
-        0.95 s instead of 1.84 s (benchmarks/explain.py, one thread each)."""
+        0.94 s instead of 1.84 s (benchmarks/explain.py, one thread each)."""
         if self.backend == "torch":
             with torch.inference_mode():
                 return self.embedder(self._to_model(pixel_values)).float()
