@@ -15,8 +15,15 @@ cohort is generated (--patients, --seed).
   the width of a pleural line and a miss into the other lung score the same in the pointing
   game, not here;
 - box IoU: the top derived box against the bounding box of the mask;
+- peak in another finding: the share of maps whose maximum misses their own mask but lies inside
+  the mask of another finding the same patient has (a heart failure map peaking in the
+  effusion): the model's evidence for one finding read off another;
 - ablation (``--ablation``): the same figures for each part of the CNN heatmap alone (Grad-CAM,
   occlusion), on the same images in the same run;
+- ``--cnn DIR``: another CNN checkpoint (e.g. ``mmcds train --pretrain-seed 1``'s ``cnn/``, or
+  one pre-trained alone) replaces the model's, scored on the model's split. The CNN heatmaps
+  explain the CNN's own head logits, so their figures hold; the fusion model's outputs, and
+  with them the ViT maps, do not (it was trained on the other CNN's embeddings);
 - randomisation: Spearman rank correlation between a heatmap and the same heatmap after the
   backbone's weights are re-drawn at random (low = the method depends on the weights).
 """
@@ -114,7 +121,19 @@ def score_maps(maps: list[ImageSaliency], ex: Example, scores: Scores) -> None:
         hit = float(mask[y, x]) if s.heatmap.max() > 0 else 0.0
         off = float(ndimage.distance_transform_edt(~mask)[y, x]) / mask.shape[1]
         iou = box_iou(s.boxes[0][:4], mask) if s.boxes else 0.0
-        for figure, value in (("pointing", hit), ("distance", 100.0 * off), ("iou", iou)):
+        other = 0.0
+        if not hit and s.heatmap.max() > 0:
+            for f, has in ex.labels.items():
+                p = ex.masks.get(f"{s.sop_uid}:{f}")
+                if has and f != s.finding and p is not None and np.asarray(Image.open(p))[y, x]:
+                    other = 1.0
+                    break
+        for figure, value in (
+            ("pointing", hit),
+            ("distance", 100.0 * off),
+            ("iou", iou),
+            ("other", other),
+        ):
             scores[figure].setdefault(s.method, {}).setdefault(s.finding, []).append(value)
 
 
@@ -150,6 +169,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="auto: the CNN's own head logit where it has one; fusion: the fusion logit",
     )
     ap.add_argument(
+        "--cnn", type=Path, help="score this CNN checkpoint's heatmaps instead of the model's"
+    )
+    ap.add_argument(
         "--ablation",
         action="store_true",
         help="also score Grad-CAM and occlusion alone (the parts of the CNN heatmap)",
@@ -165,6 +187,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         data = Path(tempfile.mkdtemp()) / "cohort"
         generate_cohort(data, patients=args.patients, seed=args.seed)
     pipe = load_pipeline(args.model, args.cache, args.threads)
+    if args.cnn is not None:
+        pipe.cnn = ImageEncoder.from_pretrained(
+            str(args.cnn), backend="auto", onnx_threads=args.threads or None
+        )
+        # the fusion model rightly refuses embeddings from a CNN it was not trained on; here
+        # only the CNN's own heatmaps are scored (module docstring), so let them through
+        pipe.fusion.config.encoder_ids.pop("image", None)
     if args.cnn_target == "fusion":
         pipe.cnn.head = None  # explain_image then differentiates the fusion logit
     keys = test_keys(args.model)
@@ -179,7 +208,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             break
     latency: list[float] = []
     parts: dict[str, list[float]] = {}
-    scores: Scores = {"pointing": {}, "distance": {}, "iou": {}}
+    scores: Scores = {"pointing": {}, "distance": {}, "iou": {}, "other": {}}
     ablation = [h for h in CNN_HEATMAPS if f"{h}-cnn" != CNN_METHOD] if args.ablation else []
     rand_pairs: list[tuple[Any, Any]] = []
     explain(pipe, pipe.analyse(examples[0].record))  # warm-up: first-call costs are not per patient
@@ -218,6 +247,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     lat = np.asarray(latency)
     result = {
         "model": str(args.model) if args.model else "untrained tiny models",
+        "cnn": str(args.cnn) if args.cnn else "the model's",
         "trained": pipe.fusion.config.trained,
         "data": str(data),
         "patients": len(examples),
@@ -236,6 +266,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 ("pointing_game", "pointing"),
                 ("peak_distance_pct_width", "distance"),
                 ("box_iou", "iou"),
+                ("peak_in_other_finding", "other"),
             )
         },
         "randomisation_spearman": {m: summarise(v) for m, v in rho.items()},

@@ -115,6 +115,13 @@ def train(
     pretrain_epochs: Annotated[
         int, typer.Option(min=0, help="Image encoder epochs; 0 = none")
     ] = 30,
+    pretrain_seed: Annotated[
+        int | None,
+        typer.Option(
+            help="Image encoder seed (default: --seed), with the split unchanged: retrain the CNN "
+            "alone to see how much its heatmaps depend on one training run"
+        ),
+    ] = None,
     calibration: Annotated[str, typer.Option(help="platt or temperature")] = "platt",
     limit: Annotated[int | None, typer.Option(min=10, help="Only the first N patients")] = None,
     cache: Annotated[str | None, typer.Option(help="Embedding cache URL")] = None,
@@ -149,7 +156,9 @@ def train(
     options = TrainOptions(
         seed=seed,
         pretrain=pretrain_epochs > 0,
-        pretrain_settings=PretrainSettings(epochs=max(1, pretrain_epochs), seed=seed),
+        pretrain_settings=PretrainSettings(
+            epochs=max(1, pretrain_epochs), seed=seed if pretrain_seed is None else pretrain_seed
+        ),
         train_settings=TrainSettings(epochs=epochs, seed=seed),
         calibration=method,
         limit=limit,
