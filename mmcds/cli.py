@@ -118,8 +118,9 @@ def train(
     pretrain_seed: Annotated[
         int | None,
         typer.Option(
-            help="Image encoder seed (default: --seed), with the split unchanged: retrain the CNN "
-            "alone to see how much its heatmaps depend on one training run"
+            help="Image encoders' training seed (default: --seed); the split stays --seed's, so "
+            "two runs differ only in how the encoders trained (e.g. to see how much the "
+            "heatmaps depend on one training run)"
         ),
     ] = None,
     calibration: Annotated[str, typer.Option(help="platt or temperature")] = "platt",
