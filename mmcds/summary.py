@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import html
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 from mmcds.findings import BY_NAME
 from mmcds.pipeline import Analysis
-from mmcds.records import Explanation, FindingScore, LabContribution, Level
+from mmcds.records import Explanation, FindingScore, ImageSaliency, LabContribution, Level
 
 LINE_LIMIT = 140
 MODALITY_WORDS = {"image": "imaging", "text": "notes", "labs": "labs"}
@@ -86,7 +89,42 @@ def _lab_phrase(c: LabContribution) -> str:
     return f"{c.lab} {shown}{ref} {_points(c.contribution)} points"
 
 
-def evidence_for(explanation: Explanation, finding: str) -> Evidence:
+def _peak_in_top_box(inner: ImageSaliency, outer: ImageSaliency) -> bool:
+    """Whether ``inner``'s heatmap maximum lies inside ``outer``'s top box."""
+    if not outer.boxes or inner.heatmap.size == 0:
+        return False
+    y, x = np.unravel_index(int(np.argmax(inner.heatmap)), inner.heatmap.shape)
+    x0, y0, x1, y1, _ = outer.boxes[0]
+    return x0 <= x < x1 and y0 <= y < y1
+
+
+def shared_region(
+    explanation: Explanation, best: ImageSaliency, others: Sequence[str]
+) -> list[str]:
+    """Which of ``others`` (findings) point at the same image region as ``best``: their map of
+    the same image, by the same method, peaks inside ``best``'s top box and ``best`` peaks inside
+    theirs. On the synthetic cohort most heart failure maps that missed the heart peaked in the
+    patient's effusion (``mmcds/EXPLAIN_RESULTS.md``): the CNN read the effusion as evidence of
+    heart failure. Saying so lets the clinician see that one image sign carries both findings."""
+    out = []
+    for s in explanation.images:
+        if (
+            s.finding in others
+            and s.finding != best.finding
+            and s.sop_uid == best.sop_uid
+            and s.method == best.method
+            and _peak_in_top_box(s, best)
+            and _peak_in_top_box(best, s)
+        ):
+            out.append(s.finding)
+    return out
+
+
+def evidence_for(
+    explanation: Explanation, finding: str, also_flagged: Sequence[str] = ()
+) -> Evidence:
+    """One phrase per modality for ``finding``; ``also_flagged`` names the other findings shown
+    with it, so an image region the findings share is said once per finding."""
     heat = [s for s in explanation.images if s.finding == finding and s.boxes]
     image = None
     if heat:
@@ -99,6 +137,10 @@ def evidence_for(explanation: Explanation, finding: str) -> Evidence:
         # image left is the patient's right on a frontal (PA/AP) film
         side = "right" if (x0 + x1) / 2 < w / 2 else "left"
         image = f"{vertical} {side} hemithorax region (box {x0},{y0}–{x1},{y1})"
+        shared = shared_region(explanation, best, also_flagged)
+        if shared:
+            names = " and ".join(BY_NAME[f].display.lower() for f in shared)
+            image += f", the same region as the {names} evidence"
     spans = [e for e in explanation.evidence if e.finding == finding]
     text = _quote(spans[0].text) if spans else None
     labs = sorted(
@@ -162,8 +204,9 @@ def summary_markdown(analysis: Analysis, explanation: Explanation) -> str:
     flagged = _flagged(analysis)
     if a.trained and not flagged:
         lines += ["No finding above its alert threshold.", ""]
-    for f in flagged or ([] if a.trained else a.findings):
-        ev = evidence_for(explanation, f.finding)
+    shown = flagged or ([] if a.trained else a.findings)
+    for f in shown:
+        ev = evidence_for(explanation, f.finding, [g.finding for g in shown])
         words = probability_words(f) if a.trained else "score"
         lines.append(f"**{BY_NAME[f.finding].display}**: {words} ({_percent(f.probability)})")
         lines += [f"- {label}: {value}" for label, value in ev.rows()]
@@ -193,8 +236,9 @@ def summary_html(analysis: Analysis, explanation: Explanation) -> str:
     flagged = _flagged(analysis)
     if a.trained and not flagged:
         parts.append("<p>No finding above its alert threshold.</p>")
-    for f in flagged or ([] if a.trained else a.findings):
-        ev = evidence_for(explanation, f.finding)
+    shown = flagged or ([] if a.trained else a.findings)
+    for f in shown:
+        ev = evidence_for(explanation, f.finding, [g.finding for g in shown])
         words = probability_words(f) if a.trained else "score"
         parts.append(
             f"<h3>{esc(BY_NAME[f.finding].display)}: {esc(words)} "

@@ -24,6 +24,7 @@ from mmcds.dataset import Example, iter_examples
 from mmcds.encoders.explain_image import (
     CNN_METHOD,
     VIT_METHOD,
+    boxes_from_heatmap,
     cnn_target,
     image_saliency,
     occluders,
@@ -41,11 +42,12 @@ from mmcds.records import (
     Encodings,
     Explanation,
     FindingScore,
+    ImageSaliency,
     ModalityEncoding,
     Note,
 )
 from mmcds.settings import Settings
-from mmcds.summary import LINE_LIMIT, _points, summary_line, summary_markdown
+from mmcds.summary import LINE_LIMIT, _points, evidence_for, summary_line, summary_markdown
 from mmcds.synth import generate_cohort
 
 
@@ -363,6 +365,35 @@ def test_summary_words_follow_the_operating_points(
         "+13",
         "-30",
     )
+
+
+def _blob_map(
+    finding: str, cy: int, cx: int, method: str = "gradcam-occlusion-cnn"
+) -> ImageSaliency:
+    yy, xx = np.mgrid[0:100, 0:120]
+    heat = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 200.0).astype(np.float32)
+    return ImageSaliency("1.2.3", finding, method, heat, boxes_from_heatmap(heat))
+
+
+def test_evidence_says_when_two_findings_point_at_one_region() -> None:
+    # heart failure peaks next to the effusion's peak, pneumonia far from both
+    maps = [
+        _blob_map("heart_failure", 70, 30),
+        _blob_map("pleural_effusion", 74, 33),
+        _blob_map("pneumonia", 20, 100),
+    ]
+    exp = Explanation("a", images=maps)
+    flagged = ["heart_failure", "pleural_effusion", "pneumonia"]
+    hf = evidence_for(exp, "heart_failure", flagged).image
+    assert hf is not None and hf.endswith("the same region as the pleural effusion evidence")
+    eff = evidence_for(exp, "pleural_effusion", flagged).image
+    assert eff is not None and eff.endswith("the same region as the heart failure evidence")
+    assert "same region" not in (evidence_for(exp, "pneumonia", flagged).image or "")
+    # a finding that is not shown is never named, nor is a map of another image
+    assert "same region" not in (evidence_for(exp, "heart_failure", ["heart_failure"]).image or "")
+    other_image = dataclasses.replace(maps[1], sop_uid="9.9.9")
+    exp2 = Explanation("b", images=[maps[0], other_image])
+    assert "same region" not in (evidence_for(exp2, "heart_failure", flagged).image or "")
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
