@@ -93,7 +93,7 @@ def _peak_in_top_box(inner: ImageSaliency, outer: ImageSaliency) -> bool:
     """Whether ``inner``'s heatmap maximum lies inside ``outer``'s top box."""
     if not outer.boxes or inner.heatmap.size == 0:
         return False
-    y, x = np.unravel_index(int(np.argmax(inner.heatmap)), inner.heatmap.shape)
+    y, x = (int(v) for v in np.unravel_index(int(np.argmax(inner.heatmap)), inner.heatmap.shape))
     x0, y0, x1, y1, _ = outer.boxes[0]
     return x0 <= x < x1 and y0 <= y < y1
 
