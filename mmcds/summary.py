@@ -123,8 +123,8 @@ def shared_region(
 def evidence_for(
     explanation: Explanation, finding: str, also_flagged: Sequence[str] = ()
 ) -> Evidence:
-    """One phrase per modality for ``finding``; ``also_flagged`` names the other findings shown
-    with it, so an image region the findings share is said once per finding."""
+    """One phrase per modality for ``finding``. ``also_flagged``: the findings shown with it; the
+    image phrase names those whose map points at the same region (``shared_region``)."""
     heat = [s for s in explanation.images if s.finding == finding and s.boxes]
     image = None
     if heat:
