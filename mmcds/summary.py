@@ -197,6 +197,15 @@ def summary_line(analysis: Analysis) -> str:
     return text if len(text) < LINE_LIMIT else text[: LINE_LIMIT - 2] + "…"
 
 
+def _shown(analysis: Analysis, explanation: Explanation) -> list[tuple[FindingScore, Evidence]]:
+    """The findings a summary details, each with its evidence: the flagged ones (every finding
+    for an untrained model, whose scores mean nothing and so flag nothing)."""
+    a = analysis.assessment
+    shown = _flagged(analysis) or ([] if a.trained else a.findings)
+    names = [f.finding for f in shown]
+    return [(f, evidence_for(explanation, f.finding, names)) for f in shown]
+
+
 def summary_markdown(analysis: Analysis, explanation: Explanation) -> str:
     a = analysis.assessment
     lines = [f"**{UNTRAINED}**", ""] if not a.trained else []
@@ -204,9 +213,7 @@ def summary_markdown(analysis: Analysis, explanation: Explanation) -> str:
     flagged = _flagged(analysis)
     if a.trained and not flagged:
         lines += ["No finding above its alert threshold.", ""]
-    shown = flagged or ([] if a.trained else a.findings)
-    for f in shown:
-        ev = evidence_for(explanation, f.finding, [g.finding for g in shown])
+    for f, ev in _shown(analysis, explanation):
         words = probability_words(f) if a.trained else "score"
         lines.append(f"**{BY_NAME[f.finding].display}**: {words} ({_percent(f.probability)})")
         lines += [f"- {label}: {value}" for label, value in ev.rows()]
@@ -236,9 +243,7 @@ def summary_html(analysis: Analysis, explanation: Explanation) -> str:
     flagged = _flagged(analysis)
     if a.trained and not flagged:
         parts.append("<p>No finding above its alert threshold.</p>")
-    shown = flagged or ([] if a.trained else a.findings)
-    for f in shown:
-        ev = evidence_for(explanation, f.finding, [g.finding for g in shown])
+    for f, ev in _shown(analysis, explanation):
         words = probability_words(f) if a.trained else "score"
         parts.append(
             f"<h3>{esc(BY_NAME[f.finding].display)}: {esc(words)} "
