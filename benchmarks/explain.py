@@ -4,9 +4,10 @@ and the weight-randomisation sanity check. Prints JSON (and writes it with --out
     .venv/bin/python benchmarks/explain.py --model MODEL_DIR --data COHORT [--limit 60]
 
 MODEL_DIR is a folder written by ``mmcds train`` (fusion checkpoint + ``cnn/`` + ``vit/``); only
-its test-split patients are scored when it was trained on COHORT. Without --model the tiny
-untrained models are used (mechanics only: their figures mean nothing). Without --data a
-cohort is generated (--patients, --seed).
+its test-split patients are scored when it was trained on COHORT (``--split val``: its
+validation patients, to choose between variants without looking at the test split). Without
+--model the tiny untrained models are used (mechanics only: their figures mean nothing).
+Without --data a cohort is generated (--patients, --seed).
 
 - pointing game: the heatmap's maximum lies inside the true lesion mask (strict: no tolerance
   margin), over positive patients whose image has a mask for the finding;
@@ -87,12 +88,12 @@ def load_pipeline(model: Path | None, cache: str | None, threads: int) -> Pipeli
     return p
 
 
-def test_keys(model: Path | None) -> set[str]:
+def split_keys(model: Path | None, part: str = "test") -> set[str]:
     if model is None:
         return set()
     config = json.loads((model / "config.json").read_text())
     split = config.get("training", {}).get("split") or config.get("extra", {}).get("split") or {}
-    return set(split.get("test", []))
+    return set(split.get(part, []))
 
 
 def box_iou(box: tuple[int, int, int, int], mask: np.ndarray) -> float:
@@ -156,7 +157,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--data", type=Path)
     ap.add_argument("--patients", type=int, default=40)
     ap.add_argument("--seed", type=int, default=17)
-    ap.add_argument("--limit", type=int, default=60, help="at most this many test patients")
+    ap.add_argument("--limit", type=int, default=60, help="at most this many patients")
+    ap.add_argument(
+        "--split", choices=("test", "val"), default="test", help="the model's split to score"
+    )
     ap.add_argument(
         "--random-images", type=int, default=12, help="images for the randomisation check"
     )
@@ -196,7 +200,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         pipe.fusion.config.encoder_ids.pop("image", None)
     if args.cnn_target == "fusion":
         pipe.cnn.head = None  # explain_image then differentiates the fusion logit
-    keys = test_keys(args.model)
+    keys = split_keys(args.model, args.split)
     labelled = set(pd.read_csv(data / "labels.csv", dtype={"patient_key": str})["patient_key"])
     # a model trained on this cohort is scored on its test split; on another cohort, on all
     wanted = keys if keys & labelled else labelled
@@ -250,6 +254,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "cnn": str(args.cnn) if args.cnn else "the model's",
         "trained": pipe.fusion.config.trained,
         "data": str(data),
+        "split": args.split if keys & labelled else "all (not the model's cohort)",
         "patients": len(examples),
         "torch_threads": torch.get_num_threads(),
         "explain_latency_s": {

@@ -12,6 +12,19 @@ def _fmt(x: Any) -> str:
     return "n/a" if x is None else f"{x:.3f}" if isinstance(x, float) else str(x)
 
 
+def _localisation(training: dict[str, Any]) -> str:
+    cnn = training.get("pretrain", {}).get("cnn", {})
+    if not cnn.get("masked_images"):
+        return "The CNN learned from labels only: nothing told it where the lesions are."
+    return (
+        f"The CNN was also taught where: on the {cnn['masked_images']} training images with "
+        f"lesion masks, a localisation term (weight {cnn['localise']:g}) asked its class "
+        "activation map to peak on the lesion. Its heatmaps were shaped by those masks, so "
+        "pointing at the lesion on new images is expected of them, not proof of what the "
+        "classifier relies on; the occlusion part of the heatmap is the check on that."
+    )
+
+
 def model_card(config: FusionConfig, val_metrics: dict[str, Any]) -> str:
     t = config.training
     all_ = val_metrics.get("subsets", {}).get("image+text+labs", {})
@@ -43,7 +56,7 @@ so any subset of modalities can be scored. One calibrated probability per findin
 Encoders: the text encoder is frozen. The image encoders (a tiny ResNet and a tiny ViT) were
 **fine-tuned** as multi-label classifiers of these findings on the training split's images only
 ({t.get("image_encoders", "n/a")}), then frozen; their checkpoints are the `cnn/` and `vit/`
-folders beside this card. Encoder ids:
+folders beside this card. {_localisation(t)} Encoder ids:
 
 ```json
 {json.dumps(config.encoder_ids, indent=2)}

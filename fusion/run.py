@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 from tqdm.auto import tqdm
 
 from mmcds.dataset import Example, iter_examples
@@ -196,6 +197,7 @@ def train_cohort(
                 folder,
                 o.pretrain_settings,
                 o.progress,
+                train_masks=_masks(train_ex),
             )
             pre_logs[kind] = asdict(pre)
             echo(f"{kind}: best val loss {pre.best_val_loss:.4f} at epoch {pre.best_epoch}")
@@ -344,6 +346,27 @@ def _images(examples: list[Example]) -> tuple[list[np.ndarray], np.ndarray]:
             pixels.append(img.pixels)
             labels.append([ex.labels[f] for f in FINDING_NAMES])
     return pixels, np.asarray(labels, np.float32).reshape(-1, len(FINDING_NAMES))
+
+
+def _masks(examples: list[Example]) -> list[dict[str, np.ndarray]]:
+    """Per training image, in ``_images`` order, its lesion masks (finding -> bool array)."""
+    out = []
+    for ex in examples:
+        for img in ex.record.images:
+            found = {}
+            for finding in FINDING_NAMES:
+                path = ex.masks.get(f"{img.sop_uid}:{finding}")
+                if path is not None:
+                    with Image.open(path) as png:
+                        mask = np.asarray(png.convert("L")) > 127
+                    if mask.shape != img.pixels.shape:
+                        raise ValueError(
+                            f"{path} is {mask.shape}, its image {img.pixels.shape}: a mask must "
+                            "lie on its radiograph's pixel grid"
+                        )
+                    found[finding] = mask
+            out.append(found)
+    return out
 
 
 def _cohort_meta(data: Path) -> dict[str, Any]:

@@ -123,6 +123,14 @@ def train(
             "heatmaps depend on one training run)"
         ),
     ] = None,
+    localise: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            help="Weight of the CNN's localisation term on training images with lesion masks "
+            "(the cohort's masks/ folder); 0 = learn from labels only",
+        ),
+    ] = 0.1,
     calibration: Annotated[str, typer.Option(help="platt or temperature")] = "platt",
     limit: Annotated[int | None, typer.Option(min=10, help="Only the first N patients")] = None,
     cache: Annotated[str | None, typer.Option(help="Embedding cache URL")] = None,
@@ -158,7 +166,9 @@ def train(
         seed=seed,
         pretrain=pretrain_epochs > 0,
         pretrain_settings=PretrainSettings(
-            epochs=max(1, pretrain_epochs), seed=seed if pretrain_seed is None else pretrain_seed
+            epochs=max(1, pretrain_epochs),
+            seed=seed if pretrain_seed is None else pretrain_seed,
+            localise=localise,
         ),
         train_settings=TrainSettings(epochs=epochs, seed=seed),
         calibration=method,

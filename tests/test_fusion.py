@@ -26,7 +26,7 @@ from mmcds.fusion.data import EncodedSet, restrict_training, split_patients
 from mmcds.fusion.evaluate import evaluate
 from mmcds.fusion.metrics import auroc, ece, ece_if_calibrated
 from mmcds.fusion.model import FusionConfig, FusionModel, batch_from_encodings, is_current
-from mmcds.fusion.pretrain import PretrainSettings
+from mmcds.fusion.pretrain import PretrainSettings, localisation_loss, mask_targets
 from mmcds.fusion.report_html import render
 from mmcds.fusion.run import TrainOptions
 from mmcds.fusion.train import TrainSettings, predict_logits, train_fusion
@@ -315,6 +315,32 @@ def test_evaluate_reports_every_subset_site_and_subgroup(trained: tuple) -> None
     assert page.count("<svg") >= 4 * 2 + 2 and "Reliability: a" in page
 
 
+def test_localisation_loss_is_low_only_when_the_activation_peak_is_on_the_lesion() -> None:
+    """The CNN's localisation term: a class activation map peaked inside the mask costs little,
+    one peaked outside costs much, findings without a mask cost nothing, and the gradient moves
+    the map's mass towards the lesion."""
+    masks = mask_targets(
+        [{"a": np.pad(np.ones((8, 8), bool), ((0, 24), (0, 24)))}], FINDINGS, (32, 32)
+    )
+    assert masks.shape == (1, 2, 32, 32) and masks[0, 1].max() == 0  # "b" has no mask
+    weight = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # finding k reads channel k
+
+    def loss_for(peak: tuple[int, int]) -> torch.Tensor:
+        fmap = torch.zeros(1, 2, 4, 4)
+        fmap[0, :, peak[0], peak[1]] = 6.0
+        return localisation_loss(fmap, weight, masks)
+
+    on, off = float(loss_for((0, 0))), float(loss_for((3, 3)))
+    assert on < 0.05 < 3.0 < off  # -log(softmax share inside): ~0.04 against ~6
+    fmap = torch.zeros(1, 2, 4, 4, requires_grad=True)
+    localisation_loss(fmap, weight, masks).backward()
+    assert fmap.grad is not None
+    assert fmap.grad[0, 0, 0, 0] < 0 < fmap.grad[0, 0, 3, 3]  # descent raises the lesion cell
+    assert fmap.grad[0, 1].abs().max() == 0  # "b": no mask, no pull
+    none = mask_targets([{}], FINDINGS, (32, 32))
+    assert float(localisation_loss(torch.randn(1, 2, 4, 4), weight, none)) == 0.0
+
+
 def _scratch_settings(tmp_path: Path) -> Settings:
     return Settings(model_dir=tmp_path / "models", database_url=f"sqlite:///{tmp_path}/c.db")
 
@@ -348,7 +374,11 @@ def test_train_and_evaluate_from_a_generated_cohort(tmp_path: Path) -> None:
     config = FusionModel.from_pretrained(out).config
     assert config.trained and config.calibration and config.warning_threshold
     assert set(info["split"]["test"]).isdisjoint(info["split"]["train"] + info["split"]["val"])
-    assert "fine-tuned" in (out / "README.md").read_text()
+    cnn_log, vit_log = info["pretrain"]["cnn"], info["pretrain"]["vit"]
+    assert cnn_log["masked_images"] > 0 and "train_localisation" in cnn_log["history"][0]
+    assert vit_log["masked_images"] == 0  # no class activation map to localise with
+    card = (out / "README.md").read_text()
+    assert "fine-tuned" in card and f"the {cnn_log['masked_images']} training images" in card
     pipe = Pipeline.from_settings(settings.model_copy(update={"fusion_model": str(out)}))
     assert pipe.cnn.model_id.startswith("cnn@") and pipe.vit.model_id.startswith("vit@")
     assert config.encoder_ids["image"] == f"{pipe.cnn.model_id}+{pipe.vit.model_id}"
