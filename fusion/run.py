@@ -186,6 +186,8 @@ def train_cohort(
     labs = LabEncoder().fit(ex.record.labs for ex in train_ex)
     out.mkdir(parents=True, exist_ok=True)
     pre_logs = {}
+    # read once for both encoders (only the CNN localises with them: fusion/pretrain.py)
+    train_masks = _masks(train_ex) if o.pretrain else None
     for kind in ("cnn", "vit"):
         folder = out / kind
         if o.pretrain:
@@ -197,7 +199,7 @@ def train_cohort(
                 folder,
                 o.pretrain_settings,
                 o.progress,
-                train_masks=_masks(train_ex),
+                train_masks=train_masks,
             )
             pre_logs[kind] = asdict(pre)
             echo(f"{kind}: best val loss {pre.best_val_loss:.4f} at epoch {pre.best_epoch}")
