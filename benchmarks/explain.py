@@ -46,8 +46,10 @@ from PIL import Image
 from scipy import ndimage
 from scipy.stats import spearmanr
 
-from mmcds.dataset import Example, iter_examples
-from mmcds.encoders.explain_image import (
+from mmcds.encoders.image import ImageEncoder
+from mmcds.encoders.labs import LabEncoder
+from mmcds.encoders.text import TextEncoder
+from mmcds.explain.image import (
     CNN_HEATMAPS,
     CNN_METHOD,
     CNN_STAGES,
@@ -55,15 +57,13 @@ from mmcds.encoders.explain_image import (
     cnn_target,
     image_saliency,
 )
-from mmcds.encoders.image import ImageEncoder
-from mmcds.encoders.labs import LabEncoder
-from mmcds.encoders.text import TextEncoder
-from mmcds.explain import explain
+from mmcds.explain.stage import explain
 from mmcds.fusion.model import FusionModel, batch_from_encodings
-from mmcds.pipeline import Pipeline
+from mmcds.fusion.pipeline import Pipeline
 from mmcds.records import ImageSaliency
 from mmcds.settings import Settings
 from mmcds.store import EmbeddingCache
+from mmcds.training.dataset import Example, iter_examples
 
 
 def load_pipeline(model: Path | None, cache: str | None, threads: int) -> Pipeline:

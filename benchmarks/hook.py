@@ -20,7 +20,7 @@ import time
 import httpx
 import numpy as np
 
-from mmcds.demo import demo_service
+from mmcds.dev.demo import demo_service
 
 
 def _stats(seconds: list[float], wall: float) -> dict[str, float]:

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import httpx
 
-from mmcds.servers import FhirSandbox, OrthancPacs
-from mmcds.settings import REPO_ROOT
+from mmcds.dev.servers import FhirSandbox, OrthancPacs
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
 SYNTHEA = REPO_ROOT.parent / "shared" / "data" / "synthea-r4"
 FHIR_JSON = {"Content-Type": "application/fhir+json", "Prefer": "return=minimal"}
 

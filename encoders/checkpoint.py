@@ -16,10 +16,12 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 
+from mmcds.errors import ModelIncompatible
+
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ModelIncompatible):
     """A checkpoint that cannot be trusted to produce the model its config describes."""
 
 

@@ -28,6 +28,7 @@ from pydicom.pixels.processing import apply_modality_lut, apply_voi
 from pydicom.uid import UID
 
 from mmcds.encoders.dicom_tags import acquired_at, first_number, int_tag, text_tag
+from mmcds.errors import InputRejected
 from mmcds.records import ImageInput, content_hash
 
 DEFAULT_MAX_PIXELS = 40_000_000
@@ -57,7 +58,7 @@ _PIXEL_DATA_TAG_BE = b"\x7f\xe0\x00\x10"
 _GREY_TOLERANCE = 0.02
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(InputRejected):
     """An image that cannot be decoded faithfully; the message says why and what to do."""
 
     def __init__(

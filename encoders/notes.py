@@ -19,6 +19,7 @@ from email.message import Message
 from html.parser import HTMLParser
 from typing import Any
 
+from mmcds.errors import InputRejected
 from mmcds.records import Note
 
 Fetch = Callable[[str], bytes]
@@ -34,7 +35,7 @@ _HTML_TYPES = ("text/html", "application/xhtml+xml")
 _SUPPORTED = (_PLAIN, *_HTML_TYPES)
 
 
-class NoteError(ValueError):
+class NoteError(InputRejected):
     """A resource that cannot be turned into a note; the message says why and what to do."""
 
 

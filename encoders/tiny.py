@@ -27,7 +27,7 @@ def build_tiny_cnn(
     Three stages, not the usual four: the last feature map is 14x14 at 224, not 7x7, so Grad-CAM
     can tell a lateral pneumothorax rim or a basal effusion from the chest wall next to it; it
     also trained to a lower validation loss than 8-16-24-32 or 16-32-64-128 on the synthetic
-    cohort (``mmcds/EXPLAIN_RESULTS.md``).
+    cohort (``docs/results/explain.md``).
 
     No centre crop, unlike ResNet's own processor (crop_pct 0.875): on a chest film the crop
     removes the costophrenic angles and the apices, exactly where effusions and pneumothoraces

@@ -18,10 +18,12 @@ from tenacity import (
     wait_exponential,
 )
 
+from mmcds.errors import UpstreamError, UpstreamUnavailable
+
 FHIR_JSON = "application/fhir+json"
 
 
-class FhirError(RuntimeError):
+class FhirError(UpstreamError):
     """The FHIR server answered, but not with what we asked for."""
 
     def __init__(self, message: str, status: int | None = None, outcome: Any = None) -> None:
@@ -30,7 +32,7 @@ class FhirError(RuntimeError):
         self.outcome = outcome
 
 
-class FhirUnavailable(FhirError):
+class FhirUnavailable(FhirError, UpstreamUnavailable):
     """The FHIR server could not be reached or timed out (or answered 5xx)."""
 
 

@@ -15,14 +15,16 @@ from typing import Any
 import httpx
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential
 
+from mmcds.errors import UpstreamError, UpstreamUnavailable
+
 DICOM_MULTIPART = 'multipart/related; type="application/dicom"'
 
 
-class DicomWebError(RuntimeError):
+class DicomWebError(UpstreamError):
     """The PACS answered with an error, or with something that is not DICOM."""
 
 
-class DicomWebUnavailable(DicomWebError):
+class DicomWebUnavailable(DicomWebError, UpstreamUnavailable):
     """The PACS could not be reached, timed out, or answered 5xx."""
 
 

@@ -11,7 +11,7 @@ import base64
 import logging
 from dataclasses import dataclass
 from datetime import date
-from typing import Any
+from typing import Any, Protocol
 
 from mmcds.encoders.dicom import ImageDecodeError, decode_bitmap, decode_dicom
 from mmcds.encoders.labs import observations_to_frame
@@ -21,8 +21,8 @@ from mmcds.encoders.notes import (
     notes_from_diagnostic_report,
 )
 from mmcds.encoders.quality import check_quality
-from mmcds.fhir.client import FhirClient, FhirError
-from mmcds.fhir.dicomweb import DicomWebClient, DicomWebError, InstanceRef
+from mmcds.fhir.client import FhirError
+from mmcds.fhir.dicomweb import DicomWebError, InstanceRef
 from mmcds.fhir.report import REPORT_SYSTEM
 from mmcds.records import ImageInput, Missing, Note, Patient, PatientRecord
 
@@ -40,6 +40,22 @@ def _ai_generated(resource: dict[str, Any]) -> bool:
     labels = (resource.get("meta") or {}).get("security") or []
     ours = any(i.get("system") == REPORT_SYSTEM for i in resource.get("identifier") or [])
     return ours or any(tag.get("code") == "AIAST" for tag in labels)
+
+
+class FhirReader(Protocol):
+    """The reads gather needs: a ``FhirClient``, or ``BundleFhir`` over a bundle file."""
+
+    def read(self, resource_type: str, resource_id: str) -> dict[str, Any]: ...
+
+    def search(self, resource_type: str, params: dict[str, str]) -> list[dict[str, Any]]: ...
+
+    def fetch_bytes(self, url: str) -> bytes: ...
+
+
+class InstanceReader(Protocol):
+    """WADO-RS retrieve: a ``DicomWebClient``, or ``LocalDicom`` over files on disk."""
+
+    def retrieve(self, ref: InstanceRef) -> bytes: ...
 
 
 @dataclass(frozen=True)
@@ -71,8 +87,8 @@ def _instances_of(study: dict[str, Any], study_uid: str) -> list[InstanceRef]:
 
 
 def gather_patient(
-    fhir: FhirClient,
-    pacs: DicomWebClient | None,
+    fhir: FhirReader,
+    pacs: InstanceReader | None,
     patient_id: str,
     *,
     limits: Limits | None = None,
@@ -98,7 +114,7 @@ def gather_patient(
     return record
 
 
-def _gather_notes(fhir: FhirClient, subject: str, record: PatientRecord, limits: Limits) -> None:
+def _gather_notes(fhir: FhirReader, subject: str, record: PatientRecord, limits: Limits) -> None:
     try:
         docs = fhir.search(
             "DocumentReference",
@@ -125,7 +141,7 @@ def _gather_notes(fhir: FhirClient, subject: str, record: PatientRecord, limits:
 
 
 def _report_narratives(
-    fhir: FhirClient, subject: str, record: PatientRecord, room: int, limits: Limits
+    fhir: FhirReader, subject: str, record: PatientRecord, room: int, limits: Limits
 ) -> list[Note]:
     """Narratives of DiagnosticReports (prior radiology reports...) as notes, ours excluded."""
     if room <= 0:
@@ -148,7 +164,7 @@ def _report_narratives(
     return notes[:room]
 
 
-def _gather_labs(fhir: FhirClient, subject: str, record: PatientRecord, limits: Limits) -> None:
+def _gather_labs(fhir: FhirReader, subject: str, record: PatientRecord, limits: Limits) -> None:
     observations: list[dict[str, Any]] = []
     for category in ("laboratory", "vital-signs"):
         try:
@@ -164,8 +180,8 @@ def _gather_labs(fhir: FhirClient, subject: str, record: PatientRecord, limits: 
 
 
 def _gather_images(
-    fhir: FhirClient,
-    pacs: DicomWebClient | None,
+    fhir: FhirReader,
+    pacs: InstanceReader | None,
     subject: str,
     record: PatientRecord,
     limits: Limits,
@@ -199,7 +215,7 @@ def _gather_images(
 
 
 def _media_images(
-    fhir: FhirClient, subject: str, record: PatientRecord, limits: Limits, room: int
+    fhir: FhirReader, subject: str, record: PatientRecord, limits: Limits, room: int
 ) -> list[ImageInput]:
     """PNG/JPEG radiographs attached as FHIR Media (inline or via Binary), ours excluded."""
     if room <= 0:
@@ -260,7 +276,7 @@ def _rejected(image: ImageInput, ref: str, record: PatientRecord) -> bool:
 
 
 def _load_instance(
-    pacs: DicomWebClient,
+    pacs: InstanceReader,
     inst: InstanceRef,
     ref: str,
     record: PatientRecord,

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import base64
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from fhir.resources.R4B.bundle import Bundle
 from mmcds.findings import BY_NAME
-from mmcds.pipeline import Analysis
-from mmcds.records import Explanation
+from mmcds.records import Analysis, Explanation, FindingScore
 
 REPORT_SYSTEM = "urn:mmcds:analysis"
 DEVICE_SYSTEM = "urn:mmcds:model"
@@ -38,6 +38,12 @@ REPORT_CODE = {
     ],
     "text": "AI diagnosis-support summary (preliminary)",
 }
+
+
+SNOMED = "http://snomed.info/sct"
+OBSERVATION_CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
+V2_0074 = "http://terminology.hl7.org/CodeSystem/v2-0074"
+PROVENANCE_PARTICIPANT = "http://terminology.hl7.org/CodeSystem/provenance-participant-type"
 
 
 def _urn() -> str:
@@ -102,112 +108,89 @@ def _media(analysis: Analysis, explanation: Explanation, issued: str) -> list[di
     return media
 
 
-def report_bundle(
-    analysis: Analysis, explanation: Explanation, *, now: datetime | None = None
-) -> dict[str, Any]:
-    """The transaction Bundle that writes this analysis back to the EHR."""
-    now = now or datetime.now(UTC)
-    issued = now.isoformat(timespec="seconds")
-    a = analysis.assessment
-    subject = {"reference": f"Patient/{analysis.record.patient.id}"}
+@dataclass(frozen=True)
+class _Context:
+    """What every resource of one report bundle shares."""
+
+    analysis: Analysis
+    issued: str
+    subject: dict[str, str]
+    device_urn: str
+    report_urn: str
+    inputs: list[dict[str, str]]
+
+
+def _entry(urn: str, resource: dict[str, Any], **request: str) -> dict[str, Any]:
+    return {
+        "fullUrl": urn,
+        "resource": resource,
+        "request": {"method": "POST", "url": resource["resourceType"], **request},
+    }
+
+
+def _device_entry(ctx: _Context) -> dict[str, Any]:
+    a = ctx.analysis.assessment
     device_id = f"{a.model_id}@{a.model_version}"
-    device_urn, report_urn = _urn(), _urn()
-    inputs = [{"reference": r} for r in _inputs(analysis)]
+    device = {
+        "resourceType": "Device",
+        "meta": _meta(),
+        "identifier": [{"system": DEVICE_SYSTEM, "value": device_id}],
+        "deviceName": [{"name": a.model_id, "type": "model-name"}],
+        "version": [{"value": a.model_version}],
+        "status": "active",
+    }
+    return _entry(ctx.device_urn, device, ifNoneExist=f"identifier={DEVICE_SYSTEM}|{device_id}")
 
-    entries: list[dict[str, Any]] = [
-        {
-            "fullUrl": device_urn,
-            "resource": {
-                "resourceType": "Device",
-                "meta": _meta(),
-                "identifier": [{"system": DEVICE_SYSTEM, "value": device_id}],
-                "deviceName": [{"name": a.model_id, "type": "model-name"}],
-                "version": [{"value": a.model_version}],
-                "status": "active",
-            },
-            "request": {
-                "method": "POST",
-                "url": "Device",
-                "ifNoneExist": f"identifier={DEVICE_SYSTEM}|{device_id}",
-            },
-        }
-    ]
-    result_refs = []
-    for score in a.findings:
-        finding = BY_NAME[score.finding]
-        urn = _urn()
-        result_refs.append({"reference": urn})
-        observation: dict[str, Any] = {
-            "resourceType": "Observation",
-            "meta": _meta(),
-            "status": "preliminary",
-            "category": [
-                {
-                    "coding": [
-                        {
-                            "system": "http://terminology.hl7.org/CodeSystem/observation-category",
-                            "code": "imaging",
-                        }
-                    ]
-                }
-            ],
-            "code": {
-                "coding": [
-                    {
-                        "system": "http://snomed.info/sct",
-                        "code": finding.snomed,
-                        "display": finding.display,
-                    }
-                ],
-                "text": f"AI probability of {finding.display.lower()}",
-            },
-            "subject": subject,
-            "effectiveDateTime": issued,
-            "issued": issued,
-            "valueQuantity": {
-                "value": round(score.probability, 4),
-                "unit": "probability",
-                "system": "http://unitsofmeasure.org",
-                "code": "1",
-            },
-            "interpretation": [{"text": str(score.level)}],
-            "device": {"reference": device_urn},
-        }
-        if inputs:
-            observation["derivedFrom"] = inputs
-        if analysis.record.encounter:
-            observation["encounter"] = {"reference": analysis.record.encounter}
-        entries.append(
-            {
-                "fullUrl": urn,
-                "resource": observation,
-                "request": {"method": "POST", "url": "Observation"},
-            }
-        )
 
-    conclusion = _conclusion(analysis)
+def _observation(ctx: _Context, score: FindingScore) -> dict[str, Any]:
+    finding = BY_NAME[score.finding]
+    observation: dict[str, Any] = {
+        "resourceType": "Observation",
+        "meta": _meta(),
+        "status": "preliminary",
+        "category": [{"coding": [{"system": OBSERVATION_CATEGORY, "code": "imaging"}]}],
+        "code": {
+            "coding": [{"system": SNOMED, "code": finding.snomed, "display": finding.display}],
+            "text": f"AI probability of {finding.display.lower()}",
+        },
+        "subject": ctx.subject,
+        "effectiveDateTime": ctx.issued,
+        "issued": ctx.issued,
+        "valueQuantity": {
+            "value": round(score.probability, 4),
+            "unit": "probability",
+            "system": "http://unitsofmeasure.org",
+            "code": "1",
+        },
+        "interpretation": [{"text": str(score.level)}],
+        "device": {"reference": ctx.device_urn},
+    }
+    if ctx.inputs:
+        observation["derivedFrom"] = ctx.inputs
+    if ctx.analysis.record.encounter:
+        observation["encounter"] = {"reference": ctx.analysis.record.encounter}
+    return observation
+
+
+def _report(
+    ctx: _Context,
+    explanation: Explanation,
+    results: list[dict[str, str]],
+    media: list[dict[str, Any]],
+) -> dict[str, Any]:
+    analysis = ctx.analysis
     report: dict[str, Any] = {
         "resourceType": "DiagnosticReport",
         "meta": _meta(),
         "identifier": [{"system": REPORT_SYSTEM, "value": analysis.identifier}],
         "status": "preliminary",
-        "category": [
-            {
-                "coding": [
-                    {
-                        "system": "http://terminology.hl7.org/CodeSystem/v2-0074",
-                        "code": "OTH",
-                        "display": "Other",
-                    }
-                ]
-            }
-        ],
+        "category": [{"coding": [{"system": V2_0074, "code": "OTH", "display": "Other"}]}],
         "code": REPORT_CODE,
-        "subject": subject,
-        "effectiveDateTime": issued,
-        "issued": issued,
-        "result": result_refs,
-        "conclusion": conclusion,
+        "subject": ctx.subject,
+        "effectiveDateTime": ctx.issued,
+        "issued": ctx.issued,
+        "result": results,
+        "conclusion": _conclusion(analysis),
         "presentedForm": [
             {
                 "contentType": "text/html; charset=utf-8",
@@ -216,60 +199,63 @@ def report_bundle(
             }
         ],
     }
-    media_refs = []
-    for media in _media(analysis, explanation, issued):
-        urn = _urn()
-        media_refs.append({"comment": media["content"]["title"], "link": {"reference": urn}})
-        entries.append(
-            {"fullUrl": urn, "resource": media, "request": {"method": "POST", "url": "Media"}}
-        )
-    if media_refs:
-        report["media"] = media_refs
+    if media:
+        report["media"] = media
     studies = sorted({img.reference for img in analysis.record.images if img.reference})
     if studies:
         report["imagingStudy"] = [{"reference": s} for s in studies]
     if analysis.record.encounter:
         report["encounter"] = {"reference": analysis.record.encounter}
-    entries.append(
-        {
-            "fullUrl": report_urn,
-            "resource": report,
-            "request": {
-                "method": "POST",
-                "url": "DiagnosticReport",
-                "ifNoneExist": f"identifier={REPORT_SYSTEM}|{analysis.identifier}",
-            },
-        }
-    )
+    return report
+
+
+def _provenance(ctx: _Context, results: list[dict[str, str]]) -> dict[str, Any]:
     provenance: dict[str, Any] = {
         "resourceType": "Provenance",
         "meta": _meta(),
-        "target": [{"reference": report_urn}, *result_refs],
-        "recorded": issued,
+        "target": [{"reference": ctx.report_urn}, *results],
+        "recorded": ctx.issued,
         "agent": [
             {
-                "type": {
-                    "coding": [
-                        {
-                            "system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type",
-                            "code": "author",
-                        }
-                    ]
-                },
-                "who": {"reference": device_urn},
+                "type": {"coding": [{"system": PROVENANCE_PARTICIPANT, "code": "author"}]},
+                "who": {"reference": ctx.device_urn},
             }
         ],
     }
-    if inputs:
-        provenance["entity"] = [{"role": "source", "what": ref} for ref in inputs]
-    entries.append(
-        {
-            "fullUrl": _urn(),
-            "resource": provenance,
-            "request": {"method": "POST", "url": "Provenance"},
-        }
-    )
+    if ctx.inputs:
+        provenance["entity"] = [{"role": "source", "what": ref} for ref in ctx.inputs]
+    return provenance
 
+
+def report_bundle(
+    analysis: Analysis, explanation: Explanation, *, now: datetime | None = None
+) -> dict[str, Any]:
+    """The transaction Bundle that writes this analysis back to the EHR: the Device, one
+    Observation per finding, the overlay Media, the DiagnosticReport, the Provenance."""
+    issued = (now or datetime.now(UTC)).isoformat(timespec="seconds")
+    ctx = _Context(
+        analysis=analysis,
+        issued=issued,
+        subject={"reference": f"Patient/{analysis.record.patient.id}"},
+        device_urn=_urn(),
+        report_urn=_urn(),
+        inputs=[{"reference": r} for r in _inputs(analysis)],
+    )
+    entries = [_device_entry(ctx)]
+    results: list[dict[str, str]] = []
+    for score in analysis.assessment.findings:
+        urn = _urn()
+        results.append({"reference": urn})
+        entries.append(_entry(urn, _observation(ctx, score)))
+    media_links = []
+    for media in _media(analysis, explanation, issued):
+        urn = _urn()
+        media_links.append({"comment": media["content"]["title"], "link": {"reference": urn}})
+        entries.append(_entry(urn, media))
+    report = _report(ctx, explanation, results, media_links)
+    identifier = f"identifier={REPORT_SYSTEM}|{analysis.identifier}"
+    entries.append(_entry(ctx.report_urn, report, ifNoneExist=identifier))
+    entries.append(_entry(_urn(), _provenance(ctx, results)))
     bundle = {"resourceType": "Bundle", "type": "transaction", "entry": entries}
     Bundle.model_validate(bundle)  # fail here, with the field named, not at the EHR
     return bundle

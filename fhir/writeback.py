@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from mmcds.errors import DeliveryRejected
 from mmcds.fhir.client import FhirClient, FhirError, FhirUnavailable
 from mmcds.fhir.report import written_report_id
-from mmcds.outbox import Rejected
 
 
 def send_bundle(fhir_server: str, bundle: dict[str, Any], *, timeout_s: float = 10.0) -> str | None:
     """POST the transaction; the DiagnosticReport id on success.
 
     Unreachable or 5xx: ``FhirUnavailable`` propagates and the outbox retries. Any other
-    refusal (a 4xx: the Bundle itself is wrong) raises ``Rejected``: resending cannot help.
+    refusal (a 4xx: the Bundle itself is wrong) raises ``DeliveryRejected``: resending cannot help.
     """
     # Written without the hook's token: that token is short-lived and belongs to the user's
     # session. SMART Backend Services credentials for write-back are planned (DESIGN §5).
@@ -23,4 +23,4 @@ def send_bundle(fhir_server: str, bundle: dict[str, Any], *, timeout_s: float = 
         except FhirUnavailable:
             raise
         except FhirError as exc:
-            raise Rejected(str(exc)) from exc
+            raise DeliveryRejected(str(exc)) from exc

@@ -7,12 +7,11 @@ by pre-training, training, early stopping or calibration.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from mmcds.dataset import Example
 from mmcds.records import Encodings
 
 SPLITS = ("train", "val", "test")
@@ -51,33 +50,6 @@ class EncodedSet:
         if missing:
             raise KeyError(f"{len(missing)} patient(s) not in this set, e.g. {missing[0]}")
         return self.subset([where[k] for k in keys])
-
-
-def encode_examples(
-    examples: Iterable[Example],
-    encode: Callable[[Example], Encodings],
-    findings: Sequence[str],
-) -> EncodedSet:
-    keys, encs, labels, sites, sex, bands = [], [], [], [], [], []
-    for ex in examples:
-        missing = [f for f in findings if f not in ex.labels]
-        if missing:
-            raise ValueError(f"labels for {ex.key} lack {missing}: the labels file must name them")
-        keys.append(ex.key)
-        encs.append(encode(ex))
-        labels.append([ex.labels[f] for f in findings])
-        sites.append(ex.site)
-        sex.append(ex.sex)
-        bands.append(ex.age_band)
-    return EncodedSet(
-        keys,
-        encs,
-        np.asarray(labels, dtype=np.float32).reshape(-1, len(findings)),
-        list(findings),
-        sites,
-        sex,
-        bands,
-    )
 
 
 def split_patients(

@@ -10,7 +10,7 @@ tokens. One attention layer over ~90 tokens, learned from a few hundred patients
 modality's evidence poorly: alone, its labs and notes read heart failure far worse than
 logistic regressions on raw lab values and TF-IDF. The additive per-modality term gives the
 summary token a stacking baseline to improve on; it took the validation loss from 0.141 to
-0.122 (``fusion/RESULTS.md``, "Current default model").
+0.122 (``docs/results/fusion.md``, "Current default model").
 
 A checkpoint is a folder: ``config.json``, ``model.safetensors`` and ``README.md`` (the model
 card). ``from_pretrained`` loads every weight or fails.

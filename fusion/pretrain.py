@@ -15,7 +15,7 @@ applied at each position of the last feature map, which is what Grad-CAM of the 
 computes -- put its mass inside the lesion. Trained on classification alone, three runs of the
 same recipe pointed at the lesion in 35% (pneumothorax) to 82% (pneumonia) of test images on
 average, and their heart failure maps often peaked in the effusion heart failure brings
-(``mmcds/EXPLAIN_RESULTS.md``): a classifier is free to learn any region that correlates with
+(``docs/results/explain.md``): a classifier is free to learn any region that correlates with
 the label. Only the training split's masks are used; validation and test masks stay for
 scoring. The ViT has no such map (its head reads the CLS token), so it learns from labels only.
 """
@@ -63,17 +63,17 @@ class PretrainSettings:
     shift: int = 12  # random translation in pixels, so position is learned as anatomy, not grid
     # Optionally up-weight each finding's positives by its negative/positive ratio (capped). Off:
     # tried with a wider CNN (16-32-48-64) on the 1,000-patient cohort, it did not make the CNN
-    # localise better (mmcds/EXPLAIN_RESULTS.md) and it changes what early stopping watches.
+    # localise better (docs/results/explain.md) and it changes what early stopping watches.
     balance: bool = False
     max_pos_weight: float = 8.0
     # Cosine decay of the learning rate over ``epochs`` (then ``patience`` is not used: see the
     # loop). With a constant rate the tiny CNN's
     # validation loss jumped from epoch to epoch and early stopping picked a checkpoint by luck
-    # (mmcds/EXPLAIN_RESULTS.md: val loss 0.40 -> 0.25, pneumothorax image AUROC 0.75 -> 0.99).
+    # (docs/results/explain.md: val loss 0.40 -> 0.25, pneumothorax image AUROC 0.75 -> 0.99).
     cosine: bool = True
     # Weight of the localisation term (module docstring) against the classification loss; it
     # applies to the CNN, on training images that have a mask. 0 trains on labels alone. Chosen
-    # on the validation split over three seeds (mmcds/EXPLAIN_RESULTS.md): at 0.1 the CNN both
+    # on the validation split over three seeds (docs/results/explain.md): at 0.1 the CNN both
     # localises and classifies better than on labels alone (validation loss 0.25 against 0.29);
     # at 0.3 and 1 it localises as well but classifies worse (0.31, 0.38).
     localise: float = 0.1

@@ -1,4 +1,4 @@
-"""The ``mmcds`` command line: load, serve, demo, synth, train, evaluate."""
+"""The ``mmcds`` command line: load, serve, analyse, demo, synth, train, calibrate, evaluate."""
 
 from __future__ import annotations
 
@@ -60,10 +60,31 @@ def serve() -> None:
     """Run the CDS Hooks service (settings from MMCDS_* variables; see README)."""
     import uvicorn
 
-    from mmcds.api import create_app
+    from mmcds.service.api import create_app
 
     s = get_settings()
     uvicorn.run(create_app(s), host=s.host, port=s.port, log_level="info")
+
+
+@app.command()
+def analyse(
+    patients: Annotated[list[str], typer.Argument(help="Patient ids on the FHIR server")],
+    fhir_url: Annotated[str | None, typer.Option(help="FHIR base URL")] = None,
+) -> None:
+    """Analyse patients now, through the same path a hook runs, and print their cards as JSON.
+
+    The reports are written back to the FHIR server (through the outbox) as a hook would.
+    """
+    import json
+
+    from mmcds.service.analysis import AnalysisService, Trigger
+
+    s = get_settings()
+    service = AnalysisService(s)
+    server = (fhir_url or s.fhir_base_url).rstrip("/")
+    for patient in patients:
+        result = service.analyse(Trigger(patient_id=patient, fhir_server=server))
+        typer.echo(json.dumps({"patient": patient, "cards": result.cards}))
 
 
 @app.command()
@@ -76,7 +97,7 @@ def demo(
     dicomweb_url: Annotated[str | None, typer.Option(help="Use this PACS, not Orthanc")] = None,
 ) -> None:
     """The main job on embedded defaults: servers, data, service, hooks, cards, reports."""
-    from mmcds.demo import run_demo
+    from mmcds.dev.demo import run_demo
 
     run_demo(patients=patients, seed=seed, fhir_url=fhir_url, dicomweb_url=dicomweb_url)
 
@@ -152,8 +173,8 @@ def train(
     """Train, calibrate and save a fusion model (with fine-tuned image encoders) from DATA."""
     from mmcds.fusion.calibrate import Method, SiteRule
     from mmcds.fusion.pretrain import PretrainSettings
-    from mmcds.fusion.run import TrainOptions, train_cohort
     from mmcds.fusion.train import TrainSettings
+    from mmcds.training.run import TrainOptions, train_cohort
 
     if calibration not in ("platt", "temperature"):
         raise typer.BadParameter("calibration must be 'platt' or 'temperature'")
@@ -198,7 +219,7 @@ def calibrate(
 ) -> None:
     """Recalibrate MODEL per site on a deployment site's own labelled patients (DATA)."""
     from mmcds.fusion.calibrate import SiteRule
-    from mmcds.fusion.recalibrate import recalibrate_cohort
+    from mmcds.training.recalibrate import recalibrate_cohort
 
     if site_rule not in ("bias_cv", "platt"):
         raise typer.BadParameter("site-rule must be 'platt' or 'bias_cv'")
@@ -221,7 +242,7 @@ def evaluate(
     cache: Annotated[str | None, typer.Option(help="Embedding cache URL")] = None,
 ) -> None:
     """Score DATA with a trained model: metrics.json and an HTML report with plots."""
-    from mmcds.fusion.run import evaluate_cohort
+    from mmcds.training.run import evaluate_cohort
 
     metrics = evaluate_cohort(
         model, data, out, get_settings(), n_boot=bootstrap, cache_url=cache, split=split,

@@ -15,10 +15,12 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.pool import StaticPool
 
+from mmcds.errors import StorageError
+
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 
-class DatabaseError(RuntimeError):
+class DatabaseError(StorageError):
     """The database cannot be opened or used (bad URL, unreachable server)."""
 
 

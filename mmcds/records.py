@@ -255,3 +255,20 @@ class Explanation:
     summary_markdown: str = ""  # the card's detail
     summary_html: str = ""  # the DiagnosticReport's presentedForm
     seconds: dict[str, float] = field(default_factory=dict)  # time per part, for monitoring
+
+
+@dataclass
+class Analysis:
+    record: PatientRecord
+    encodings: Encodings
+    assessment: Assessment
+    skipped_chunks: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def identifier(self) -> str:
+        """Deterministic id of (patient, model versions, inputs): makes write-back idempotent."""
+        parts = [self.record.patient.id, self.assessment.model_id, self.assessment.model_version]
+        for enc in self.encodings.by_modality.values():
+            parts += [enc.model_id, *enc.input_hashes]
+        return content_hash("|".join(parts))[:32]

@@ -14,8 +14,6 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
@@ -26,6 +24,11 @@ class Settings(BaseSettings):
 
     # Where this service is reachable; the JWT `aud` of every hook must equal the endpoint URL
     # computed from it.
+    # Where the service keeps its state by default (models it builds, the SQLite database):
+    # ``MMCDS_HOME``, else ``./var`` under the working directory; never the source tree, so an
+    # installed wheel works the same as a checkout.
+    home: Path = Field(default_factory=lambda: Path("var").resolve())
+
     public_base_url: str = "http://127.0.0.1:8080"
     host: str = "127.0.0.1"
     port: int = 8080
@@ -47,7 +50,7 @@ class Settings(BaseSettings):
 
     # Models: Hugging Face ids or local folders. Empty image ids mean "build the tiny local
     # models under model_dir" (the demo and the tests; no hub is reachable on these machines).
-    model_dir: Path = REPO_ROOT / "var" / "models"
+    model_dir: Path = Field(default_factory=lambda data: Path(data["home"]) / "models")
     cnn_model: str = ""
     vit_model: str = ""
     # "auto": ONNX Runtime on CPU-only hosts (exported once, cached beside the checkpoint), the
@@ -58,7 +61,9 @@ class Settings(BaseSettings):
     fusion_model: str = ""  # empty: an untrained fusion model (cards say so)
 
     # Embedding cache; PostgreSQL in production, e.g. postgresql+psycopg://user@host/db
-    database_url: str = f"sqlite:///{REPO_ROOT / 'var' / 'mmcds.db'}"
+    database_url: str = Field(
+        default_factory=lambda data: f"sqlite:///{Path(data['home']) / 'mmcds.db'}"
+    )
 
     # PyTorch intra-op threads per service process. One: measured (benchmarks/explain.py) a
     # 4-5x slowdown with 2 threads when the cores are shared; scale with processes instead.

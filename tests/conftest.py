@@ -9,10 +9,10 @@ from typing import NoReturn
 
 import pytest
 
-from mmcds.servers import FhirSandbox, OrthancPacs, ServerUnavailable
-from mmcds.settings import REPO_ROOT
+from mmcds.dev.servers import FhirSandbox, OrthancPacs, ServerUnavailable
 
 POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 

@@ -7,7 +7,7 @@ features, on TF-IDF of the notes and on downsampled pixels; "all" stacks the thr
 probabilities with another logistic regression. Train on one half, score on the other.
 
     python -m mmcds.synth.reference --patients 1000 --seed 7 --out /tmp/cohort \\
-        --markdown mmcds/synth/REFERENCE.md
+        --markdown docs/results/synth-reference.md
 """
 
 from __future__ import annotations

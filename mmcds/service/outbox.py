@@ -21,16 +21,12 @@ from sqlalchemy import Column, Float, Integer, MetaData, String, Table, Text, fu
 from sqlalchemy.exc import IntegrityError
 
 from mmcds.db import create_tables, make_engine
+from mmcds.errors import DeliveryRejected
 
 log = logging.getLogger(__name__)
 
 Send = Callable[[str, dict[str, Any]], str | None]  # (fhir server, bundle) -> report id
 MAX_BACKOFF_S = 300.0
-
-
-class Rejected(Exception):
-    """Raised by a ``Send`` when the server refused the Bundle itself: resending cannot help.
-    The row is kept as ``rejected`` (with the reason) for an operator, not retried."""
 
 
 def _table(metadata: MetaData) -> Table:
@@ -114,7 +110,7 @@ class Outbox:
             values: dict[str, Any]
             try:
                 report_id = send(row.fhir_server, json.loads(row.bundle))
-            except Rejected as exc:
+            except DeliveryRejected as exc:
                 values = {"attempts": attempts, "status": "rejected", "last_error": str(exc)[:500]}
                 log.error("write-back %s rejected by the FHIR server: %s", row.key, exc)
             except Exception as exc:  # transient or unknown: keep it, retry later, say why

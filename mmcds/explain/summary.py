@@ -22,8 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mmcds.findings import BY_NAME
-from mmcds.pipeline import Analysis
-from mmcds.records import Explanation, FindingScore, ImageSaliency, LabContribution, Level
+from mmcds.records import Analysis, Explanation, FindingScore, ImageSaliency, LabContribution, Level
 
 LINE_LIMIT = 140
 MODALITY_WORDS = {"image": "imaging", "text": "notes", "labs": "labs"}
@@ -105,7 +104,7 @@ def shared_region(
     the same image, by the same method, peaks inside ``best``'s top box and ``best`` peaks inside
     theirs. On the synthetic cohort, with a CNN trained on labels only (no lesion masks to
     localise with), most heart failure maps that missed the heart peaked in the patient's
-    effusion (``mmcds/EXPLAIN_RESULTS.md``): the CNN read the effusion as evidence of heart
+    effusion (``docs/results/explain.md``): the CNN read the effusion as evidence of heart
     failure. Saying so lets the clinician see that one image sign carries both findings."""
     out = []
     for s in explanation.images:

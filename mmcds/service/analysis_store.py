@@ -21,8 +21,8 @@ from sqlalchemy import Column, DateTime, LargeBinary, MetaData, String, Table, T
 from sqlalchemy.dialects import postgresql, sqlite
 
 from mmcds.db import create_tables, make_engine
-from mmcds.pipeline import Analysis
 from mmcds.records import (
+    Analysis,
     EvidenceSpan,
     Explanation,
     ImageSaliency,

@@ -1,5 +1,5 @@
 """The explain stage: an ``Analysis`` -> an ``Explanation`` (saliency, evidence, contributions,
-summary), computed once per analysis and stored with it (``mmcds.analysis_store``).
+summary), computed once per analysis and stored with it (``mmcds.service.analysis_store``).
 
 Everything is measured against the same fusion model that produced the assessment, on the
 same encodings: no second classifier is explained in its place.
@@ -15,21 +15,22 @@ from typing import TypeVar
 
 import pandas as pd
 
-from mmcds.encoders.explain_image import image_saliency
-from mmcds.encoders.explain_text import evidence_spans
 from mmcds.encoders.labs import empty_lab_frame
-from mmcds.encoders.overlay import overlay_png
+from mmcds.explain.attribution import lab_shapley, modality_shapley
+from mmcds.explain.image import image_saliency
+from mmcds.explain.overlay import overlay_png
+from mmcds.explain.summary import summary_html, summary_line, summary_markdown
+from mmcds.explain.text import evidence_spans
 from mmcds.findings import BY_NAME
-from mmcds.fusion.attribution import lab_shapley, modality_shapley
 from mmcds.fusion.model import FusionBatch, batch_from_encodings
-from mmcds.pipeline import Analysis, Pipeline
+from mmcds.fusion.pipeline import Pipeline
 from mmcds.records import (
+    Analysis,
     Explanation,
     ImageSaliency,
     LabContribution,
     ModalityShapley,
 )
-from mmcds.summary import summary_html, summary_line, summary_markdown
 
 T = TypeVar("T")
 

@@ -23,13 +23,11 @@ from joserfc import jws, jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
 
+from mmcds.errors import AuthError
+
 ASYMMETRIC_ALGS = ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512"]
 LEEWAY_S = 60
 MAX_LIFETIME_S = 3600
-
-
-class AuthError(Exception):
-    """The hook's JWT is not acceptable. The message says why, for the log only."""
 
 
 class ReplayCache:

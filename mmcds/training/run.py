@@ -20,29 +20,28 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from mmcds.dataset import Example, iter_examples
 from mmcds.encoders.image import ImageEncoder
 from mmcds.encoders.labs import LabEncoder
 from mmcds.encoders.text import Chunk, TextEncoder
 from mmcds.encoders.tiny import build_tiny_cnn, build_tiny_vit
 from mmcds.findings import FINDING_NAMES
 from mmcds.fusion.calibrate import Method, SiteRule, fit_calibration, operating_points
-from mmcds.fusion.card import model_card
 from mmcds.fusion.data import (
     EncodedSet,
-    encode_examples,
     restrict_training,
     split_hash,
     split_patients,
 )
 from mmcds.fusion.evaluate import evaluate
-from mmcds.fusion.model import FusionModel, is_current
+from mmcds.fusion.model import FusionModel
+from mmcds.fusion.model_card import model_card
+from mmcds.fusion.pipeline import Pipeline, untrained_fusion
 from mmcds.fusion.pretrain import PretrainSettings, pretrain_image_encoder
 from mmcds.fusion.train import TrainSettings, predict_logits, train_fusion
-from mmcds.pipeline import Pipeline, untrained_fusion
 from mmcds.records import content_hash
 from mmcds.settings import Settings
 from mmcds.store import EmbeddingCache
+from mmcds.training.dataset import Example, encode_examples, iter_examples
 
 log = logging.getLogger(__name__)
 Echo = Callable[[str], None]
@@ -385,35 +384,3 @@ def _weights_digest(model: FusionModel) -> str:
         h.update(k.encode())
         h.update(v.detach().cpu().numpy().tobytes())
     return h.hexdigest()[:8]
-
-
-#: The demo's model: trained once at first run, then reused from ``settings.model_dir``.
-DEMO_PATIENTS = 200
-DEMO_SEED = 2024
-
-
-def demo_model_dir(settings: Settings) -> Path:
-    return Path(settings.model_dir) / "fusion-demo"
-
-
-def ensure_demo_model(settings: Settings, echo: Echo = print) -> Path:
-    """The demo's trained model folder; trained here at first run (a few minutes on 2 cores).
-
-    The same as ``mmcds synth --out DIR --patients 200 --seed 2024`` then
-    ``mmcds train --data DIR --out <model_dir>/fusion-demo --seed 2024 --pretrain-epochs 10``.
-    """
-    from mmcds.synth import generate_cohort
-
-    out = demo_model_dir(settings)
-    if is_current(out) and (out / "lab_encoder.json").is_file():
-        return out  # a demo model from an older mmcds (another architecture) is retrained
-    cohort = Path(settings.model_dir) / "demo-cohort"
-    echo(f"first run: training the demo model on {DEMO_PATIENTS} synthetic patients -> {out}")
-    generate_cohort(cohort, patients=DEMO_PATIENTS, seed=DEMO_SEED)
-    options = TrainOptions(
-        seed=DEMO_SEED,
-        pretrain_settings=PretrainSettings(epochs=10, seed=DEMO_SEED),
-        train_settings=TrainSettings(seed=DEMO_SEED),
-    )
-    train_cohort(cohort, out, settings, options, echo=echo)
-    return out

@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
+from mmcds.dev.servers import FhirSandbox, free_port
 from mmcds.fhir.client import FhirClient
 from mmcds.fhir.writeback import send_bundle
-from mmcds.outbox import Outbox
-from mmcds.servers import FhirSandbox, free_port
+from mmcds.service.outbox import Outbox
 
 
 class Clock:

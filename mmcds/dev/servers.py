@@ -15,6 +15,7 @@ import abc
 import contextlib
 import ctypes
 import json
+import os
 import shutil
 import signal
 import socket
@@ -28,19 +29,24 @@ from typing import IO, Self
 
 import httpx
 
-from mmcds.settings import REPO_ROOT
+from mmcds.errors import ConfigurationError, UpstreamUnavailable
 
-SANDBOX_DIR = REPO_ROOT / "deploy" / "sandbox"
+# The sandbox is a development server that lives in the checkout (deploy/sandbox), not in the
+# installed package; MMCDS_SANDBOX_DIR points elsewhere.
+SANDBOX_DIR = Path(
+    os.environ.get("MMCDS_SANDBOX_DIR")
+    or Path(__file__).resolve().parents[2] / "deploy" / "sandbox"
+)
 ORTHANC_PLUGIN_DIR = Path("/usr/share/orthanc/plugins")
 ORTHANC_PLUGINS = ("libOrthancDicomWeb.so", "libOrthancGdcm.so")
 ORTHANC_INSTALL_HINT = "install with: apt-get install -y orthanc orthanc-dicomweb orthanc-gdcm"
 
 
-class ServerUnavailable(RuntimeError):
+class ServerUnavailable(ConfigurationError):
     """A prerequisite (Node.js, npm, the Orthanc binary or plugins) is not installed."""
 
 
-class ServerStartError(RuntimeError):
+class ServerStartError(UpstreamUnavailable):
     """The server process was started but did not become ready."""
 
 

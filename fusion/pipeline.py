@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ from mmcds.encoders.text import TextEncoder
 from mmcds.encoders.tiny import build_tiny_cnn, build_tiny_vit
 from mmcds.fusion.model import FusionConfig, FusionModel
 from mmcds.records import (
+    Analysis,
     Assessment,
     Encodings,
     FindingScore,
@@ -34,23 +34,6 @@ log = logging.getLogger(__name__)
 
 # An untrained model must never raise an alarm: its thresholds sit above any probability.
 _NEVER = 1.01
-
-
-@dataclass
-class Analysis:
-    record: PatientRecord
-    encodings: Encodings
-    assessment: Assessment
-    skipped_chunks: int = 0
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def identifier(self) -> str:
-        """Deterministic id of (patient, model versions, inputs): makes write-back idempotent."""
-        parts = [self.record.patient.id, self.assessment.model_id, self.assessment.model_version]
-        for enc in self.encodings.by_modality.values():
-            parts += [enc.model_id, *enc.input_hashes]
-        return content_hash("|".join(parts))[:32]
 
 
 class Pipeline:

@@ -15,7 +15,7 @@ import httpx
 import pydicom
 import pytest
 
-from mmcds.servers import OrthancPacs
+from mmcds.dev.servers import OrthancPacs
 
 FHIR_JSON = {"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"}
 

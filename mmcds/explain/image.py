@@ -6,7 +6,7 @@ What each heatmap explains:
   ``ResNetForImageClassification`` that ``fusion/pretrain.py`` trained on the training split's
   images and labels; the fusion model embeds with the same backbone). The fusion logit reaches
   the CNN only through one pooled vector, next to the ViT's and the other modalities, and its
-  gradient localised worse (``mmcds/EXPLAIN_RESULTS.md``). A CNN without a head for the finding
+  gradient localised worse (``docs/results/explain.md``). A CNN without a head for the finding
   (a plain backbone) falls back to the fusion logit. Grad-CAM (Selvaraju et al. 2017) on the
   chosen stage outputs (``CNN_STAGES``); the tiny and the usual CXR CNNs pool by global
   average, for which Grad-CAM on the last map equals HiResCAM (Draelos & Carin 2020). The CNN
@@ -14,7 +14,7 @@ What each heatmap explains:
   (Zeiler & Fergus 2014: how much the score drops when a square of the input is hidden), both
   max-normalised: a region is hot only where the finding's features fire *and* hiding it lowers
   the score (squares hidden by a grey and by a dark fill, ``occluders``). Each alone failed in
-  its own way on the synthetic lesion masks (validation split, ``mmcds/EXPLAIN_RESULTS.md``):
+  its own way on the synthetic lesion masks (validation split, ``docs/results/explain.md``):
   Grad-CAM of a pneumothorax peaks inside the collapsed lung, whose features carry the logit,
   while hiding the air rim is what lowers it; occlusion spreads over every square whose
   hiding moves the score, edges and anatomy included.
@@ -192,7 +192,7 @@ def occluders(pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     normalisation), hides the first; the image's own dark level (each channel's 5th percentile:
     air and lung) hides the second. One grey occluder alone missed most consolidations and
     effusions on the validation split, a dark one alone all but one pneumothorax
-    (``mmcds/EXPLAIN_RESULTS.md``). Per channel, because a grey radiograph normalised with
+    (``docs/results/explain.md``). Per channel, because a grey radiograph normalised with
     per-channel means and stds (ImageNet's) has a different value in each."""
     flat = pixel_values.detach().float().flatten(1)
     dark = torch.quantile(flat, 0.05, dim=1).to(pixel_values.dtype)[:, None, None]
@@ -313,7 +313,7 @@ def image_saliency(
     docstring) -- the fine-tuned CNN's own classification logit for the
     finding when it has one, because the fusion logit reaches the CNN only through one pooled
     vector mixed with the ViT's and the other modalities, and its gradient localised worse
-    (``mmcds/EXPLAIN_RESULTS.md``). ``cnn_stages`` picks the ResNet stage outputs used (-1 the
+    (``docs/results/explain.md``). ``cnn_stages`` picks the ResNet stage outputs used (-1 the
     last, 14x14 at 224 for the 3-stage tiny CNN; -2 the one before, 28x28); several are
     multiplied after normalising, so a region must light up at both resolutions.
     ``cnn_heatmap`` keeps only one part of the CNN heatmap (method ``"<part>-cnn"``): Grad-CAM or

@@ -13,15 +13,15 @@ import pytest
 from fastapi.testclient import TestClient
 from joserfc.jwk import ECKey
 
-from mmcds.api import create_app
-from mmcds.auth import sign_hook_jwt
+from mmcds.dev.servers import free_port
 from mmcds.fhir.client import FhirClient
 from mmcds.fhir.dicomweb import DicomWebClient
 from mmcds.fhir.gather import gather_patient
 from mmcds.fhir.load import load_folder
 from mmcds.findings import BY_NAME, FINDINGS
-from mmcds.pipeline import Pipeline
-from mmcds.servers import free_port
+from mmcds.fusion.pipeline import Pipeline
+from mmcds.service.api import create_app
+from mmcds.service.auth import sign_hook_jwt
 from mmcds.settings import Settings
 from mmcds.synth import generate_cohort
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from mmcds.encoders.sections import is_label
 from mmcds.encoders.text import Chunk, TextEncoder
-from mmcds.fusion.attribution import chunk_occlusion, logits, replaced_text_logits
+from mmcds.explain.attribution import chunk_occlusion, logits, replaced_text_logits
 from mmcds.fusion.model import FusionBatch, FusionModel
 from mmcds.records import EvidenceSpan, Note
 

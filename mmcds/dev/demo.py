@@ -22,12 +22,13 @@ import typer
 import uvicorn
 from joserfc.jwk import ECKey
 
-from mmcds.api import create_app
-from mmcds.auth import sign_hook_jwt
+from mmcds.dev.demo_model import ensure_demo_model
+from mmcds.dev.servers import FhirSandbox, OrthancPacs, free_port
 from mmcds.fhir.client import FhirClient
 from mmcds.fhir.dicomweb import DicomWebClient
 from mmcds.fhir.load import load_folder
-from mmcds.servers import FhirSandbox, OrthancPacs, free_port
+from mmcds.service.api import create_app
+from mmcds.service.auth import sign_hook_jwt
 from mmcds.settings import Settings, get_settings
 from mmcds.synth import generate_cohort
 
@@ -117,8 +118,6 @@ def demo_service(
     """Servers, a trained model, synthetic patients loaded, the service running."""
     base = get_settings()
     if not base.fusion_model:  # the demo runs a trained model, built once at first run
-        from mmcds.fusion.run import ensure_demo_model
-
         base = base.model_copy(update={"fusion_model": str(ensure_demo_model(base, echo))})
     key = ECKey.generate_key("P-384", parameters={"kid": DEMO_KID})
     jwks = json.dumps({"keys": [key.as_dict(private=False)]})

@@ -3,7 +3,8 @@
 Rules the EHR side relies on: ``summary`` under 140 characters, ``indicator`` from calibrated
 thresholds (an untrained model never raises one above ``info``), a ``source`` that links the
 model card, always a ``uuid``, and no empty strings, lists or objects anywhere. The words come
-from ``mmcds.summary`` (templates), so the card, the report and the review page say the same.
+from ``mmcds.explain.summary`` (templates), so the card, the report and the review page say the
+same.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from mmcds.pipeline import Analysis
-from mmcds.records import Explanation
+from mmcds.records import Analysis, Explanation
+from mmcds.service.outbox import Delivery
 
 OVERRIDE_REASONS = [
     {"code": "disagree", "system": "urn:mmcds:override-reason", "display": "Clinically disagree"},
@@ -45,3 +46,12 @@ def unavailable_card(reason: str, model_card_url: str) -> dict[str, Any]:
         "No assessment was made; nothing here should be read as a negative result.",
         "source": {"label": "mmcds", "url": model_card_url},
     }
+
+
+def delivery_note(delivery: Delivery | None) -> str:
+    """The card's last line: where the report stands, in words that match the outbox state."""
+    if delivery is not None and delivery.status == "delivered":
+        return f"\n\nWritten back as DiagnosticReport/{delivery.report_id}."
+    return (
+        "\n\nThe report could not be written back to the EHR yet; it is queued and will be retried."
+    )

@@ -24,9 +24,9 @@ from typing import Any
 from mmcds.fusion.calibrate import Calibration, SiteRule, fit_site_calibrators
 from mmcds.fusion.data import split_patients
 from mmcds.fusion.model import CARD_NAME, FusionModel
-from mmcds.fusion.run import Echo, encode_all, load_examples, model_pipeline
 from mmcds.fusion.train import predict_logits
 from mmcds.settings import Settings
+from mmcds.training.run import Echo, encode_all, load_examples, model_pipeline
 
 
 def calibration_split(

@@ -28,10 +28,10 @@ from mmcds.fusion.metrics import auroc, ece, ece_if_calibrated
 from mmcds.fusion.model import FusionConfig, FusionModel, batch_from_encodings, is_current
 from mmcds.fusion.pretrain import PretrainSettings, localisation_loss, mask_targets
 from mmcds.fusion.report_html import render
-from mmcds.fusion.run import TrainOptions
 from mmcds.fusion.train import TrainSettings, predict_logits, train_fusion
 from mmcds.records import MODALITIES, Encodings, ModalityEncoding
 from mmcds.settings import Settings
+from mmcds.training.run import TrainOptions
 
 FINDINGS = ["a", "b"]
 DIMS = {"image": 6, "text": 8, "labs": 5}
@@ -359,9 +359,9 @@ def _quick_options(fusion_epochs: int) -> TrainOptions:
 def test_train_and_evaluate_from_a_generated_cohort(tmp_path: Path) -> None:
     """The CLI path end to end on a small real cohort: FHIR + DICOM in, model folder out, and
     the pipeline then loads the fine-tuned encoders from it."""
-    from mmcds.fusion.run import evaluate_cohort, train_cohort
-    from mmcds.pipeline import Pipeline
+    from mmcds.fusion.pipeline import Pipeline
     from mmcds.synth import generate_cohort
+    from mmcds.training.run import evaluate_cohort, train_cohort
 
     cohort = tmp_path / "cohort"
     generate_cohort(cohort, patients=16, seed=11)
@@ -395,9 +395,9 @@ def test_local_calibration_fits_on_unseen_patients_and_holds_out_the_rest(
 ) -> None:
     """``mmcds calibrate``: never on the training cohort's patients; the held-out part is
     recorded and is all ``mmcds evaluate`` scores on that folder afterwards."""
-    from mmcds.fusion.recalibrate import recalibrate_cohort
-    from mmcds.fusion.run import evaluate_cohort, train_cohort
     from mmcds.synth import generate_cohort
+    from mmcds.training.recalibrate import recalibrate_cohort
+    from mmcds.training.run import evaluate_cohort, train_cohort
 
     home, local = tmp_path / "home", tmp_path / "local"
     generate_cohort(home, patients=16, seed=11)

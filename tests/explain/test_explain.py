@@ -19,9 +19,11 @@ from PIL import Image
 from scipy.stats import spearmanr
 from sqlalchemy import delete
 
-from mmcds.analysis_store import AnalysisStore
-from mmcds.dataset import Example, iter_examples
-from mmcds.encoders.explain_image import (
+from mmcds.encoders.image import ImageEncoder
+from mmcds.encoders.labs import empty_lab_frame
+from mmcds.encoders.sections import is_label
+from mmcds.explain.attribution import logits
+from mmcds.explain.image import (
     CNN_METHOD,
     VIT_METHOD,
     boxes_from_heatmap,
@@ -31,14 +33,12 @@ from mmcds.encoders.explain_image import (
     occlusion_sensitivity,
     probe_geometry,
 )
-from mmcds.encoders.image import ImageEncoder
-from mmcds.encoders.labs import empty_lab_frame
-from mmcds.encoders.sections import is_label
-from mmcds.explain import explain
-from mmcds.fusion.attribution import logits
+from mmcds.explain.stage import explain
+from mmcds.explain.summary import LINE_LIMIT, _points, evidence_for, summary_line, summary_markdown
 from mmcds.fusion.model import batch_from_encodings
-from mmcds.pipeline import Analysis, Pipeline
+from mmcds.fusion.pipeline import Pipeline
 from mmcds.records import (
+    Analysis,
     Encodings,
     Explanation,
     FindingScore,
@@ -46,9 +46,10 @@ from mmcds.records import (
     ModalityEncoding,
     Note,
 )
+from mmcds.service.analysis_store import AnalysisStore
 from mmcds.settings import Settings
-from mmcds.summary import LINE_LIMIT, _points, evidence_for, summary_line, summary_markdown
 from mmcds.synth import generate_cohort
+from mmcds.training.dataset import Example, iter_examples
 
 
 @pytest.fixture(scope="module")

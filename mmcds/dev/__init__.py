@@ -1,0 +1,1 @@
+"""Development helpers: the local FHIR sandbox and Orthanc, and ``mmcds demo``."""

@@ -1,0 +1,1 @@
+"""The explain stage: image saliency, note evidence, lab and modality attributions, summary."""

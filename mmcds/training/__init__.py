@@ -1,0 +1,1 @@
+"""Training and evaluation from a cohort folder: read examples, encode, train, calibrate."""

@@ -1,0 +1,107 @@
+"""A folder of FHIR bundles + DICOM files + a labels file, read as training examples.
+
+Training reads the same resources the hook reads from the servers, through the same record
+builder (``mmcds.fhir.gather.gather_patient`` over ``BundleFhir`` and ``LocalDicom``), so the
+model sees at training time exactly what it sees in service. The labels come from a separate
+file and never from inside the FHIR data.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from mmcds.fhir.bundle_source import BundleFhir, LocalDicom
+from mmcds.fhir.gather import gather_patient
+from mmcds.findings import FINDING_NAMES
+from mmcds.fusion.data import EncodedSet
+from mmcds.records import Encodings, PatientRecord
+
+PATIENT_SYSTEM = "urn:mmcds:synth:patient"
+
+
+@dataclass
+class Example:
+    key: str
+    record: PatientRecord
+    labels: dict[str, int]
+    site: str | None = None
+    sex: str | None = None
+    age_band: str | None = None
+    masks: dict[str, Path] = field(default_factory=dict)  # "<sop_uid>:<finding>" -> mask PNG
+
+
+def _patient_key(patient: dict[str, Any]) -> str:
+    for ident in patient.get("identifier") or []:
+        if ident.get("system") == PATIENT_SYSTEM:
+            return str(ident["value"])
+    return str(patient.get("id") or "")
+
+
+def record_from_bundle(bundle: dict[str, Any], dicom: LocalDicom) -> PatientRecord:
+    """A ``PatientRecord`` from a patient's transaction bundle and local DICOM files, built by
+    the service's own ``gather_patient`` (so the same quality gate, modality filter, decoders
+    and narratives apply)."""
+    source = BundleFhir(bundle)
+    return gather_patient(source, dicom, _patient_key(source.patient))
+
+
+def iter_examples(folder: Path, limit: int | None = None) -> Iterator[Example]:
+    """Examples in label-file order; patients without a bundle are an error, not a skip."""
+    labels = pd.read_csv(folder / "labels.csv", dtype={"patient_key": str})
+    dicom = LocalDicom.from_folder(folder)
+    rows = labels.to_dict("records")
+    for data in rows if limit is None else rows[:limit]:
+        key = str(data["patient_key"])
+        bundle_path = folder / "bundles" / f"{key}.json"
+        if not bundle_path.is_file():
+            raise FileNotFoundError(f"labels.csv names {key} but {bundle_path} does not exist")
+        record = record_from_bundle(json.loads(bundle_path.read_text()), dicom)
+        masks = {}
+        for finding in FINDING_NAMES:
+            for img in record.images:
+                mask = folder / "masks" / key / f"{img.sop_uid}_{finding}.png"
+                if mask.is_file():
+                    masks[f"{img.sop_uid}:{finding}"] = mask
+        yield Example(
+            key=key,
+            record=record,
+            labels={f: int(data[f]) for f in FINDING_NAMES if f in data},
+            site=str(data.get("site")) if data.get("site") is not None else None,
+            sex=str(data.get("sex")) if data.get("sex") is not None else None,
+            age_band=str(data.get("age_band")) if data.get("age_band") is not None else None,
+            masks=masks,
+        )
+
+
+def encode_examples(
+    examples: Iterable[Example],
+    encode: Callable[[Example], Encodings],
+    findings: Sequence[str],
+) -> EncodedSet:
+    keys, encs, labels, sites, sex, bands = [], [], [], [], [], []
+    for ex in examples:
+        missing = [f for f in findings if f not in ex.labels]
+        if missing:
+            raise ValueError(f"labels for {ex.key} lack {missing}: the labels file must name them")
+        keys.append(ex.key)
+        encs.append(encode(ex))
+        labels.append([ex.labels[f] for f in findings])
+        sites.append(ex.site)
+        sex.append(ex.sex)
+        bands.append(ex.age_band)
+    return EncodedSet(
+        keys,
+        encs,
+        np.asarray(labels, dtype=np.float32).reshape(-1, len(findings)),
+        list(findings),
+        sites,
+        sex,
+        bands,
+    )
