@@ -43,6 +43,14 @@ REPORT_CODE = {
 SNOMED = "http://snomed.info/sct"
 OBSERVATION_CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
 V2_0074 = "http://terminology.hl7.org/CodeSystem/v2-0074"
+DATA_ABSENT = "http://terminology.hl7.org/CodeSystem/data-absent-reason"
+#: Why a finding carries no value: its input was not one the model supports, or no validated
+#: operating point covered it.
+DATA_ABSENT_CODE = {
+    "abstained": "unsupported",
+    "insufficient_inputs": "not-performed",
+    "not_validated": "not-performed",
+}
 PROVENANCE_PARTICIPANT = "http://terminology.hl7.org/CodeSystem/provenance-participant-type"
 
 
@@ -65,7 +73,12 @@ def _inputs(analysis: Analysis) -> list[str]:
 def _conclusion(analysis: Analysis) -> str:
     a = analysis.assessment
     lines = [] if a.trained else ["UNTRAINED model: scores carry no clinical meaning."]
-    lines += [f"{BY_NAME[f.finding].display}: {f.probability:.2f} ({f.level})" for f in a.findings]
+    lines += [
+        f"{BY_NAME[f.finding].display}: {f.probability:.2f} ({f.level})"
+        if f.assessed
+        else f"{BY_NAME[f.finding].display}: not assessed ({f.reason or f.status})."
+        for f in a.findings
+    ]
     if analysis.record.missing:
         lines.append(f"{len(analysis.record.missing)} input(s) unavailable to the model.")
     lines.append("Preliminary AI output; requires clinician review.")
@@ -165,6 +178,15 @@ def _observation(ctx: _Context, score: FindingScore) -> dict[str, Any]:
         "interpretation": [{"text": str(score.level)}],
         "device": {"reference": ctx.device_urn},
     }
+    if not score.assessed:
+        # No number to act on: the value is absent for a stated reason (DESIGN §8).
+        del observation["valueQuantity"]
+        observation["dataAbsentReason"] = {
+            "coding": [{"system": DATA_ABSENT, "code": DATA_ABSENT_CODE[score.status]}],
+            "text": score.status.replace("_", " "),
+        }
+        observation["interpretation"] = [{"text": score.status.replace("_", " ")}]
+        observation["note"] = [{"text": score.reason or score.status}]
     if ctx.inputs:
         observation["derivedFrom"] = ctx.inputs
     if ctx.analysis.record.encounter:

@@ -62,6 +62,9 @@ class FusionConfig:
     # ``mmcds.fusion.calibrate.Calibration.to_json()``: method, global and per-site (scale, bias)
     # per finding; empty = the temperatures above (or none).
     calibration: dict[str, Any] = field(default_factory=dict)
+    # ``mmcds.fusion.validation.validate_subsets``: per subset of modalities, its calibrator,
+    # thresholds and validation per finding. Empty (an older model): nothing may alarm.
+    subsets: dict[str, Any] = field(default_factory=dict)
     # What it was trained on: data hash, split hash and the patient keys of each split.
     training: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)

@@ -25,6 +25,35 @@ def _localisation(training: dict[str, Any]) -> str:
     )
 
 
+def _validation(config: FusionConfig) -> str:
+    """The per-subset validation table: which findings may alarm on which inputs, and why not."""
+    rows = []
+    for key, sub in config.subsets.items():
+        for f, v in sub["findings"].items():
+            ci = v.get("auroc_ci")
+            ci_text = f"{ci[0]:.2f}–{ci[1]:.2f}" if ci else "n/a"
+            if not v["validated"]:
+                state = "**not validated**: " + "; ".join(v["reasons"])
+            else:
+                state = (
+                    "validated, may raise critical"
+                    if v["critical_allowed"]
+                    else ("validated, warning only (no critical point reached)")
+                )
+            rows.append(
+                f"| {key} | {f} | {v['n']} ({v['positives']}) | {_fmt(v.get('auroc'))} | "
+                f"{ci_text} | {_fmt(v.get('warning_sensitivity'))} / "
+                f"{_fmt(v.get('warning_specificity'))} | {_fmt(v.get('critical_specificity'))} "
+                f"| {state} |"
+            )
+    if not rows:
+        return "No per-subset validation was recorded: this model never raises an alert."
+    return (
+        "| inputs | finding | validation n (positives) | AUROC | 95% CI | warning sens / spec "
+        "| critical spec | status |\n|---|---|---|---|---|---|---|---|\n" + "\n".join(rows)
+    )
+
+
 def model_card(config: FusionConfig, val_metrics: dict[str, Any]) -> str:
     t = config.training
     all_ = val_metrics.get("subsets", {}).get("image+text+labs", {})
@@ -71,9 +100,15 @@ early stopping or calibration.
 ## Calibration and operating points
 {config.calibration.get("method", "none")} scaling per finding on the validation split, with a
 per-site calibrator where the site had enough patients ({site_cal}).
-`warning` is the highest threshold reaching sensitivity {ops.get("warning_sensitivity")} on the
-validation split; `critical` the lowest reaching specificity {ops.get("critical_specificity")}
-(never below `warning`).
+Per subset of inputs (the other modalities masked on the validation split), a finding is
+*validated* only if its AUROC's bootstrap 95% CI excludes 0.5, its calibrator is not degenerate,
+and a warning point exists: the highest sensitivity from {ops.get("warning_sensitivity")} down
+to 0.85 keeping specificity at least 0.5. `critical` needs specificity
+{ops.get("critical_specificity")} with a Wilson 95% lower bound of at least 0.90. A finding that
+is not validated for the inputs a patient brings is shown as not assessed and never alarms
+(`mmcds.fusion.validation`).
+
+{_validation(config)}
 
 ## Metrics (validation split, all modalities)
 | finding | AUROC | AUPRC | ECE | warning | critical |

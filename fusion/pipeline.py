@@ -17,12 +17,13 @@ from mmcds.encoders.image import ImageEncoder
 from mmcds.encoders.labs import LabEncoder
 from mmcds.encoders.text import TextEncoder
 from mmcds.encoders.tiny import build_tiny_cnn, build_tiny_vit
+from mmcds.fusion.gate import assess
 from mmcds.fusion.model import FusionConfig, FusionModel
+from mmcds.fusion.ood import OodDetector
 from mmcds.records import (
     Analysis,
     Assessment,
     Encodings,
-    FindingScore,
     ModalityEncoding,
     PatientRecord,
     content_hash,
@@ -31,9 +32,6 @@ from mmcds.settings import Settings
 from mmcds.store import EmbeddingCache
 
 log = logging.getLogger(__name__)
-
-# An untrained model must never raise an alarm: its thresholds sit above any probability.
-_NEVER = 1.01
 
 
 class Pipeline:
@@ -45,9 +43,11 @@ class Pipeline:
         labs: LabEncoder,
         fusion: FusionModel,
         cache: EmbeddingCache | None = None,
+        ood: OodDetector | None = None,
     ) -> None:
         self.cnn, self.vit, self.text, self.labs, self.fusion = cnn, vit, text, labs, fusion
         self.cache = cache
+        self.ood = ood
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Pipeline:
@@ -75,7 +75,8 @@ class Pipeline:
             labs = LabEncoder()
             fusion = untrained_fusion(cnn, vit, text, labs)
         cache = EmbeddingCache(settings.database_url)
-        return cls(cnn, vit, text, labs, fusion, cache)
+        ood = OodDetector.load(Path(settings.fusion_model)) if settings.fusion_model else None
+        return cls(cnn, vit, text, labs, fusion, cache, ood)
 
     # --- encode -----------------------------------------------------------------------------
 
@@ -149,43 +150,16 @@ class Pipeline:
 
     # --- fuse -------------------------------------------------------------------------------
 
-    def fuse(self, encodings: Encodings, site: str | None = None) -> Assessment:
-        """``site`` (e.g. the images' InstitutionName) selects a per-site calibration if any."""
-        config = self.fusion.config
-        self.fusion.check_encoders(encodings)
-        probs = self.fusion.predict_proba([encodings], [site])[0]
-        scores = [
-            FindingScore(
-                finding=name,
-                probability=float(p),
-                warning_threshold=config.warning_threshold.get(name, _NEVER)
-                if config.trained
-                else _NEVER,
-                critical_threshold=config.critical_threshold.get(name, _NEVER)
-                if config.trained
-                else _NEVER,
-            )
-            for name, p in zip(config.findings, probs, strict=True)
-        ]
-        return Assessment(
-            findings=scores,
-            model_id="mmcds-fusion",
-            model_version=config.version,
-            trained=config.trained,
-            modalities_used=encodings.present,
-            calibration=(
-                str(config.calibration.get("method", "temperature"))
-                if config.calibration
-                else "temperature"
-                if config.temperature
-                else "none"
-            ),
-        )
+    def fuse(
+        self, encodings: Encodings, site: str | None = None, record: PatientRecord | None = None
+    ) -> Assessment:
+        """Calibrated scores and, per finding, whether it may be acted on (``fusion.gate``)."""
+        return assess(self.fusion, encodings, site, record, self.ood)
 
     def analyse(self, record: PatientRecord) -> Analysis:
         encodings = self.encode(record)
         site = next((img.site for img in record.images if img.site), None)
-        return Analysis(record, encodings, self.fuse(encodings, site))
+        return Analysis(record, encodings, self.fuse(encodings, site, record))
 
 
 def _ensure(path: Path, build: Callable[[Path], Path]) -> Path:

@@ -145,15 +145,28 @@ class Level(StrEnum):
     critical = "critical"
 
 
+#: Whether a finding's probability may be acted on (DESIGN §8). Anything but ``assessed`` is
+#: shown with its reason and can never raise ``warning`` or ``critical``.
+FindingStatus = Literal["assessed", "not_validated", "insufficient_inputs", "abstained"]
+
+
 @dataclass(frozen=True)
 class FindingScore:
     finding: str
     probability: float  # calibrated
     warning_threshold: float
     critical_threshold: float
+    status: FindingStatus = "assessed"
+    reason: str | None = None  # why it is not assessed, in words for the clinician
+
+    @property
+    def assessed(self) -> bool:
+        return self.status == "assessed"
 
     @property
     def level(self) -> Level:
+        if not self.assessed:
+            return Level.info
         if self.probability >= self.critical_threshold:
             return Level.critical
         if self.probability >= self.warning_threshold:
@@ -169,6 +182,11 @@ class Assessment:
     trained: bool  # False until a trained checkpoint is loaded: scores then mean nothing
     modalities_used: list[Modality]
     calibration: str = "none"
+    subset: str = ""  # the validated subset of inputs in force, e.g. "image+labs+text"
+    # Modalities whose input lay outside what the model was validated on, with the reason.
+    out_of_distribution: dict[str, str] = field(default_factory=dict)
+    # Modalities the patient brought that this model never learned ("imaging not used").
+    unused_modalities: list[Modality] = field(default_factory=list)
 
     @property
     def level(self) -> Level:

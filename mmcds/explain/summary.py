@@ -9,7 +9,14 @@ Probability words are tied to the calibrated operating points, not to fixed cut-
 probability" at or above the high-specificity (critical) threshold; "possible" between the
 warning and the critical threshold (the warning point is set for high sensitivity, so a flagged
 finding can still have a low probability: "moderate" would overstate it); "low probability"
-below the warning threshold.
+below the warning threshold. Operating points differ per finding (a rare finding's
+high-specificity point can sit at 15%), so on one card the words are also made monotone in the
+probability: a finding is never called "high probability" beside a likelier one called
+"possible"; its critical alert is then said in words instead ("critical alert: above its
+high-specificity point").
+
+Findings that may not be acted on (not validated, insufficient inputs, or inputs outside what
+the model was validated on) are never flagged; the summary lists them with the reason.
 """
 
 from __future__ import annotations
@@ -34,21 +41,38 @@ LIMITS = (
 UNTRAINED = "UNTRAINED model: its scores are random and carry no clinical meaning."
 
 
+_RANK = {Level.info: 0, Level.warning: 1, Level.critical: 2}
+_WORDS = ("low probability", "possible", "high probability")
+
+
 def _points(probability_change: float) -> str:
     """A probability change in percentage points, signed; never "-0" for a tiny negative."""
     return f"{round(probability_change * 100):+d}"
 
 
 def probability_words(score: FindingScore) -> str:
-    if score.level == Level.critical:
-        return "high probability"
-    if score.level == Level.warning:
-        return "possible"
-    return "low probability"
+    """The operating-point word of one score on its own (``card_words`` for a whole card)."""
+    return _WORDS[_RANK[score.level]]
 
 
-def _word(score: FindingScore) -> str:
-    return probability_words(score).split()[0]
+def card_words(scores: Sequence[FindingScore]) -> dict[str, str]:
+    """The probability phrase of each score on one card: the operating-point word, lowered where
+    needed so that the words never decrease as the probability rises (``probability_words``)."""
+    out: dict[str, str] = {}
+    cap = 2
+    for f in sorted(scores, key=lambda f: -f.probability):
+        rank = min(_RANK[f.level], cap)
+        cap = rank
+        words = _WORDS[rank]
+        if rank < _RANK[f.level]:
+            point = _percent(f.critical_threshold)
+            words += f" (critical alert: above its high-specificity point {point})"
+        out[f.finding] = words
+    return out
+
+
+def _word(score: FindingScore, words: dict[str, str]) -> str:
+    return words[score.finding].split()[0]
 
 
 def _percent(p: float) -> str:
@@ -165,6 +189,28 @@ def _flagged(analysis: Analysis) -> list[FindingScore]:
     return sorted((f for f in a.findings if f.level != Level.info), key=lambda f: -f.probability)
 
 
+def _not_assessed(analysis: Analysis) -> list[FindingScore]:
+    return [f for f in analysis.assessment.findings if not f.assessed]
+
+
+def _held_short(held: Sequence[FindingScore]) -> str:
+    """Why every finding was held back, in a few words for the summary line."""
+    statuses = {f.status for f in held}
+    if "abstained" in statuses:
+        return "inputs outside what the model was validated on"
+    if "insufficient_inputs" in statuses:
+        return "insufficient inputs"
+    return "findings not validated"
+
+
+def _held_lines(analysis: Analysis) -> list[str]:
+    """One line per distinct reason: which findings were not assessed, and why."""
+    by_reason: dict[str, list[str]] = {}
+    for f in _not_assessed(analysis):
+        by_reason.setdefault(f.reason or f.status, []).append(BY_NAME[f.finding].display)
+    return [f"{', '.join(names)}: {reason}" for reason, names in by_reason.items()]
+
+
 def _missing(analysis: Analysis) -> list[str]:
     rec, used = analysis.record, set(analysis.assessment.modalities_used)
     lines = [
@@ -175,6 +221,10 @@ def _missing(analysis: Analysis) -> list[str]:
         f"{MODALITY_WORDS.get(mod, mod)}: {reason}" + (f" (×{n})" if n > 1 else "")
         for (mod, reason), n in grouped.items()
     ]
+    lines += [
+        f"{MODALITY_WORDS[m]} not used by this model (it was not trained on them)"
+        for m in analysis.assessment.unused_modalities
+    ]
     return lines
 
 
@@ -184,14 +234,20 @@ def summary_line(analysis: Analysis) -> str:
         text = "AI summary (UNTRAINED model, no clinical meaning): review inputs manually"
     else:
         flagged = _flagged(analysis)
+        words = card_words(flagged)
+        held = _not_assessed(analysis)
         if flagged:
             parts = [
-                f"{BY_NAME[f.finding].display} {_word(f)} ({_percent(f.probability)})"
+                f"{BY_NAME[f.finding].display} {_word(f, words)} ({_percent(f.probability)})"
                 for f in flagged[:3]
             ]
             text = "AI (preliminary): " + ", ".join(parts)
+        elif held and len(held) == len(analysis.assessment.findings):
+            text = f"AI (preliminary): not assessed, {_held_short(held)}"
         else:
             text = "AI (preliminary): no finding above threshold"
+        if held and len(held) < len(analysis.assessment.findings):
+            text += f"; {len(held)} not assessed"
         if any(m not in analysis.assessment.modalities_used for m in ("image", "text", "labs")):
             text += "; inputs incomplete"
     return text if len(text) < LINE_LIMIT else text[: LINE_LIMIT - 2] + "…"
@@ -211,14 +267,18 @@ def summary_markdown(analysis: Analysis, explanation: Explanation) -> str:
     lines = [f"**{UNTRAINED}**", ""] if not a.trained else []
     lines += ["Preliminary AI decision support; the clinician decides.", ""]
     flagged = _flagged(analysis)
+    words = card_words(flagged)
     if a.trained and not flagged:
         lines += ["No finding above its alert threshold.", ""]
     for f, ev in _shown(analysis, explanation):
-        words = probability_words(f) if a.trained else "score"
-        lines.append(f"**{BY_NAME[f.finding].display}**: {words} ({_percent(f.probability)})")
+        shown = words[f.finding] if a.trained else "score"
+        lines.append(f"**{BY_NAME[f.finding].display}**: {shown} ({_percent(f.probability)})")
         lines += [f"- {label}: {value}" for label, value in ev.rows()]
         lines.append("")
-    others = [f for f in a.findings if f not in flagged] if a.trained else []
+    held = _held_lines(analysis) if a.trained else []
+    if held:
+        lines += ["**Not assessed** (never raises an alert):", *[f"- {h}" for h in held], ""]
+    others = [f for f in a.findings if f not in flagged and f.assessed] if a.trained else []
     if others:
         lines.append(
             "Below threshold: "
@@ -241,15 +301,21 @@ def summary_html(analysis: Analysis, explanation: Explanation) -> str:
     if not a.trained:
         parts.append(f"<p><strong>{esc(UNTRAINED)}</strong></p>")
     flagged = _flagged(analysis)
+    words = card_words(flagged)
     if a.trained and not flagged:
         parts.append("<p>No finding above its alert threshold.</p>")
     for f, ev in _shown(analysis, explanation):
-        words = probability_words(f) if a.trained else "score"
+        shown = words[f.finding] if a.trained else "score"
         parts.append(
-            f"<h3>{esc(BY_NAME[f.finding].display)}: {esc(words)} "
+            f"<h3>{esc(BY_NAME[f.finding].display)}: {esc(shown)} "
             f"({esc(_percent(f.probability))})</h3><ul>"
         )
         parts += [f"<li><b>{esc(label)}:</b> {esc(value)}</li>" for label, value in ev.rows()]
+        parts.append("</ul>")
+    held = _held_lines(analysis) if a.trained else []
+    if held:
+        parts.append("<h3>Not assessed (never raises an alert)</h3><ul>")
+        parts += [f"<li>{esc(h)}</li>" for h in held]
         parts.append("</ul>")
     missing = _missing(analysis)
     if missing:

@@ -86,6 +86,8 @@ def assessment_dict(analysis: Analysis) -> dict[str, Any]:
         "trained": a.trained,
         "calibration": a.calibration,
         "modalities_used": list(a.modalities_used),
+        "subset": a.subset,
+        "out_of_distribution": dict(a.out_of_distribution),
         "findings": [
             {
                 "finding": f.finding,
@@ -93,6 +95,8 @@ def assessment_dict(analysis: Analysis) -> dict[str, Any]:
                 "warning_threshold": f.warning_threshold,
                 "critical_threshold": f.critical_threshold,
                 "level": str(f.level),
+                "status": f.status,
+                "reason": f.reason,
             }
             for f in a.findings
         ],

@@ -35,12 +35,15 @@ from mmcds.fusion.data import (
 from mmcds.fusion.evaluate import evaluate
 from mmcds.fusion.model import FusionModel
 from mmcds.fusion.model_card import model_card
+from mmcds.fusion.ood import OodDetector
 from mmcds.fusion.pipeline import Pipeline, untrained_fusion
 from mmcds.fusion.pretrain import PretrainSettings, pretrain_image_encoder
 from mmcds.fusion.train import TrainSettings, predict_logits, train_fusion
-from mmcds.records import content_hash
+from mmcds.fusion.validation import Rules, SubsetValidation, validate_subsets
+from mmcds.records import MODALITIES, Modality, content_hash
 from mmcds.settings import Settings
 from mmcds.store import EmbeddingCache
+from mmcds.training.alarms import alarm_lines, alarm_report
 from mmcds.training.dataset import Example, encode_examples, iter_examples
 
 log = logging.getLogger(__name__)
@@ -241,6 +244,13 @@ def train_cohort(
     config.calibration = cal.to_json()
     config.temperature = cal.temperatures
     config.warning_threshold, config.critical_threshold = warning, critical
+    rules = Rules(
+        warning_sensitivity=o.warning_sensitivity, critical_specificity=o.critical_specificity
+    )
+    subsets = validate_subsets(model, val, cal, _modalities(encoded), rules, seed=o.seed)
+    config.subsets = {k: v.to_json() for k, v in subsets.items()}
+    echo(_validation_line(subsets))
+    ood = OodDetector.fit(train.encodings, val.encodings, [ex.record for ex in train_ex])
     config.trained = True
     timings["total_s"] = time.perf_counter() - t0
     config.training = {
@@ -266,10 +276,25 @@ def train_cohort(
     config.version = f"fusion-{config.training['data_hash'][:8]}-{_weights_digest(model)}"
     val_metrics = evaluate(model, val, n_boot=0)
     model.save_pretrained(out, model_card(config, val_metrics))
+    ood.save(out)
     labs.save_pretrained(out)
     (out / "val_metrics.json").write_text(json.dumps(val_metrics, indent=1))
     echo(f"saved {out} ({config.version}): {config.training['timings_s']}")
     return config.training
+
+
+def _modalities(encoded: EncodedSet) -> list[Modality]:
+    """The modalities present in the cohort, in the canonical order."""
+    seen = {m for e in encoded.encodings for m in e.present}
+    return [m for m in MODALITIES if m in seen]
+
+
+def _validation_line(subsets: dict[str, SubsetValidation]) -> str:
+    parts = []
+    for key, sub in subsets.items():
+        ok = [f for f, v in sub.findings.items() if v.validated]
+        parts.append(f"{key}: {len(ok)}/{len(sub.findings)}")
+    return "validated findings per input subset: " + ", ".join(parts)
 
 
 def evaluate_cohort(
@@ -298,6 +323,9 @@ def evaluate_cohort(
     echo(f"evaluating {len(chosen)} of {len(examples)} patients ({scored})")
     encoded = encode_all(pipe, chosen, progress)
     metrics = evaluate(model, encoded, n_boot=n_boot)
+    metrics["alarms"] = alarm_report(pipe, chosen, encoded)
+    for line in alarm_lines(metrics["alarms"]):
+        echo(line)
     metrics["data"]["folder"] = str(data)
     metrics["data"]["split"] = scored
     out.mkdir(parents=True, exist_ok=True)

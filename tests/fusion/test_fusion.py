@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from planted import FINDINGS, planted, tiny_config
 
 from mmcds.fusion.calibrate import (
     Method,
@@ -22,66 +23,15 @@ from mmcds.fusion.calibrate import (
     sensitivity_threshold,
     specificity_threshold,
 )
-from mmcds.fusion.data import EncodedSet, restrict_training, split_patients
+from mmcds.fusion.data import restrict_training, split_patients
 from mmcds.fusion.evaluate import evaluate
 from mmcds.fusion.metrics import auroc, ece, ece_if_calibrated
-from mmcds.fusion.model import FusionConfig, FusionModel, batch_from_encodings, is_current
+from mmcds.fusion.model import FusionModel, batch_from_encodings, is_current
 from mmcds.fusion.pretrain import PretrainSettings, localisation_loss, mask_targets
 from mmcds.fusion.report_html import render
-from mmcds.fusion.train import TrainSettings, predict_logits, train_fusion
-from mmcds.records import MODALITIES, Encodings, ModalityEncoding
+from mmcds.fusion.train import TrainSettings, predict_logits
 from mmcds.settings import Settings
 from mmcds.training.run import TrainOptions
-
-FINDINGS = ["a", "b"]
-DIMS = {"image": 6, "text": 8, "labs": 5}
-
-
-def planted(n: int, seed: int, missing: float = 0.2) -> EncodedSet:
-    """Finding ``a`` needs image + text (each carries half the signal), ``b`` shows in labs.
-
-    Every modality is absent for a fraction ``missing`` of the patients.
-    """
-    rng = np.random.default_rng(seed)
-    y = (rng.random((n, 2)) < 0.4).astype(np.float32)
-    encs = []
-    for i in range(n):
-        enc = Encodings()
-        shift = {"image": 1.2 * y[i, 0], "text": 1.2 * y[i, 0], "labs": 1.5 * y[i, 1]}
-        for m in MODALITIES:
-            d = DIMS[m]
-            if rng.random() < missing:
-                continue
-            k = int(rng.integers(1, 4))
-            tokens = rng.normal(size=(k, d)).astype(np.float32)
-            tokens[:, 0] += shift[m]
-            enc.by_modality[m] = ModalityEncoding(m, tokens, [f"{m}{j}" for j in range(k)], m, [])
-        encs.append(enc)
-    sites: list[str | None] = ["A" if i % 2 else "B" for i in range(n)]
-    sex: list[str | None] = ["female" if i % 3 else "male" for i in range(n)]
-    bands: list[str | None] = ["18-39" if i % 4 else "65-79" for i in range(n)]
-    return EncodedSet([f"p{i:04d}" for i in range(n)], encs, y, FINDINGS, sites, sex, bands)
-
-
-def tiny_config() -> FusionConfig:
-    return FusionConfig(
-        findings=FINDINGS,
-        input_dims=dict(DIMS),
-        d_model=16,
-        n_heads=2,
-        dropout=0.0,
-        max_tokens={"image": 4, "text": 4, "labs": 4},
-    )
-
-
-@pytest.fixture(scope="module")
-def trained() -> tuple[FusionModel, EncodedSet, EncodedSet]:
-    train, val, test = planted(300, 1), planted(120, 2), planted(200, 3)
-    model, log = train_fusion(
-        tiny_config(), train, val, TrainSettings(epochs=15, patience=4, seed=0), progress=False
-    )
-    assert log.best_val_loss < log.history[0]["val_loss"]
-    return model, val, test
 
 
 def test_tiny_model_trains_in_seconds_and_beats_chance(trained: tuple) -> None:
