@@ -11,12 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
-from tenacity import (
-    retry,
-    retry_if_exception_type,
-    stop_after_attempt,
-    wait_exponential,
-)
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from mmcds.errors import UpstreamError, UpstreamUnavailable
 
@@ -50,30 +45,28 @@ def _outcome_text(response: httpx.Response) -> str:
     return str(body)[:300]
 
 
-# Transient failures only: a 4xx is a real answer and is never retried.
-_retry_transient = retry(
-    retry=retry_if_exception_type(FhirUnavailable),
-    stop=stop_after_attempt(3),
-    wait=wait_exponential(multiplier=0.2, max=2.0),
-    reraise=True,
-)
-
-
 class FhirClient:
+    """``token``: a bearer token (the hook's); ``auth``: any ``httpx.Auth`` instead (SMART
+    Backend Services for write-back). ``retries``: attempts for transient failures; a 4xx is
+    a real answer and is never retried."""
+
     def __init__(
         self,
         base_url: str,
         *,
         token: str | None = None,
+        auth: httpx.Auth | None = None,
         timeout: float = 10.0,
         max_results: int = 1000,
+        retries: int = 3,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.max_results = max_results
+        self.retries = retries
         headers = {"Accept": FHIR_JSON}
         if token:
             headers["Authorization"] = f"Bearer {token}"
-        self._http = httpx.Client(headers=headers, timeout=timeout)
+        self._http = httpx.Client(headers=headers, timeout=timeout, auth=auth)
 
     def close(self) -> None:
         self._http.close()
@@ -84,8 +77,16 @@ class FhirClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    @_retry_transient
     def _request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        retrying = Retrying(
+            retry=retry_if_exception_type(FhirUnavailable),
+            stop=stop_after_attempt(max(1, self.retries)),
+            wait=wait_exponential(multiplier=0.2, max=2.0),
+            reraise=True,
+        )
+        return retrying(self._request_once, method, url, **kwargs)
+
+    def _request_once(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
         if not url.startswith("http"):
             url = f"{self.base_url}/{url.lstrip('/')}"
         try:

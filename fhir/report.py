@@ -12,17 +12,21 @@ Each resource is validated against the R4 (``fhir.resources.R4B``) models before
 from __future__ import annotations
 
 import base64
+import hashlib
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from fhir.resources.R4B.bundle import Bundle
+from mmcds.fhir.bundle_limits import BundleLimits, fit_bundle, review_png
 from mmcds.findings import BY_NAME
 from mmcds.records import Analysis, Explanation, FindingScore
 
 REPORT_SYSTEM = "urn:mmcds:analysis"
 DEVICE_SYSTEM = "urn:mmcds:model"
+FINDING_SYSTEM = "urn:mmcds:finding-result"
+OVERLAY_SYSTEM = "urn:mmcds:overlay"
 AIAST = {
     "system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
     "code": "AIAST",
@@ -85,42 +89,6 @@ def _conclusion(analysis: Analysis) -> str:
     return " ".join(lines)
 
 
-def _media(analysis: Analysis, explanation: Explanation, issued: str) -> list[dict[str, Any]]:
-    """One Media per CNN saliency overlay (the ViT's maps stay on the review page)."""
-    subject = {"reference": f"Patient/{analysis.record.patient.id}"}
-    media = []
-    for s in explanation.images:
-        if s.overlay_png is None or not s.method.endswith("-cnn"):  # any CNN explainer version
-            continue
-        title = f"AI saliency (preliminary): {BY_NAME[s.finding].display}, image {s.sop_uid}"
-        media.append(
-            {
-                "resourceType": "Media",
-                "meta": _meta(),
-                "status": "completed",
-                "type": {
-                    "coding": [
-                        {
-                            "system": "http://terminology.hl7.org/CodeSystem/media-type",
-                            "code": "image",
-                        }
-                    ]
-                },
-                "subject": subject,
-                "createdDateTime": issued,
-                "content": {
-                    "contentType": "image/png",
-                    "title": title,
-                    "data": base64.b64encode(s.overlay_png).decode(),
-                },
-                "note": [
-                    {"text": "Heatmap of what moved the model's score; not proof of disease."}
-                ],
-            }
-        )
-    return media
-
-
 @dataclass(frozen=True)
 class _Context:
     """What every resource of one report bundle shares."""
@@ -131,6 +99,68 @@ class _Context:
     device_urn: str
     report_urn: str
     inputs: list[dict[str, str]]
+    limits: BundleLimits
+
+
+def _overlays(analysis: Analysis, explanation: Explanation) -> list[tuple[str, str, bytes]]:
+    """(finding, SOP UID, PNG) of each CNN saliency overlay (the ViT's stay on the review page)."""
+    return [
+        (s.finding, s.sop_uid, s.overlay_png)
+        for s in explanation.images
+        if s.overlay_png is not None and s.method.endswith("-cnn")  # any CNN explainer version
+    ]
+
+
+def _overlay_entries(ctx: _Context, explanation: Explanation) -> tuple[list[Any], list[Any]]:
+    """A ``Binary`` (the PNG, sized for review) and a ``Media`` pointing at it by URL for each
+    overlay, and the report's ``media`` links. Never megabytes inline in ``Media``: real
+    servers cap strings (Medplum at 1 MB) and resources."""
+    entries, links = [], []
+    for finding, sop_uid, png in _overlays(ctx.analysis, explanation):
+        png = review_png(png, ctx.limits)
+        binary_urn, media_urn = _urn(), _urn()
+        binary = {
+            "resourceType": "Binary",
+            "meta": _meta(),
+            "contentType": "image/png",
+            "securityContext": {"reference": ctx.report_urn},
+            "data": base64.b64encode(png).decode(),
+        }
+        title = f"AI saliency (preliminary): {BY_NAME[finding].display}, image {sop_uid}"
+        media = {
+            "resourceType": "Media",
+            "meta": _meta(),
+            "identifier": [
+                {
+                    "system": OVERLAY_SYSTEM,
+                    "value": f"{ctx.analysis.identifier}:{finding}:{sop_uid}",
+                }
+            ],
+            "status": "completed",
+            "type": {
+                "coding": [
+                    {"system": "http://terminology.hl7.org/CodeSystem/media-type", "code": "image"}
+                ]
+            },
+            "subject": ctx.subject,
+            "createdDateTime": ctx.issued,
+            "content": {
+                "contentType": "image/png",
+                # The transaction rewrites the Binary's fullUrl to its id (FHIR's rules).
+                "url": binary_urn,
+                "size": len(png),
+                "hash": base64.b64encode(hashlib.sha1(png).digest()).decode(),
+                "title": title,
+            },
+            "note": [{"text": "Heatmap of what moved the model's score; not proof of disease."}],
+        }
+        ident = media["identifier"][0]
+        entries.append(_entry(binary_urn, binary))
+        entries.append(
+            _entry(media_urn, media, ifNoneExist=f"identifier={ident['system']}|{ident['value']}")
+        )
+        links.append({"comment": title, "link": {"reference": media_urn}})
+    return entries, links
 
 
 def _entry(urn: str, resource: dict[str, Any], **request: str) -> dict[str, Any]:
@@ -160,6 +190,9 @@ def _observation(ctx: _Context, score: FindingScore) -> dict[str, Any]:
     observation: dict[str, Any] = {
         "resourceType": "Observation",
         "meta": _meta(),
+        "identifier": [
+            {"system": FINDING_SYSTEM, "value": f"{ctx.analysis.identifier}:{score.finding}"}
+        ],
         "status": "preliminary",
         "category": [{"coding": [{"system": OBSERVATION_CATEGORY, "code": "imaging"}]}],
         "code": {
@@ -250,10 +283,16 @@ def _provenance(ctx: _Context, results: list[dict[str, str]]) -> dict[str, Any]:
 
 
 def report_bundle(
-    analysis: Analysis, explanation: Explanation, *, now: datetime | None = None
+    analysis: Analysis,
+    explanation: Explanation,
+    *,
+    now: datetime | None = None,
+    limits: BundleLimits | None = None,
 ) -> dict[str, Any]:
     """The transaction Bundle that writes this analysis back to the EHR: the Device, one
-    Observation per finding, the overlay Media, the DiagnosticReport, the Provenance."""
+    Observation per finding, the overlays (``Binary`` + ``Media``), the DiagnosticReport, the
+    Provenance; fitted to ``limits`` (overlays dropped, with a note, when they do not fit)."""
+    limits = limits or BundleLimits()
     issued = (now or datetime.now(UTC)).isoformat(timespec="seconds")
     ctx = _Context(
         analysis=analysis,
@@ -262,23 +301,24 @@ def report_bundle(
         device_urn=_urn(),
         report_urn=_urn(),
         inputs=[{"reference": r} for r in _inputs(analysis)],
+        limits=limits,
     )
     entries = [_device_entry(ctx)]
     results: list[dict[str, str]] = []
     for score in analysis.assessment.findings:
         urn = _urn()
         results.append({"reference": urn})
-        entries.append(_entry(urn, _observation(ctx, score)))
-    media_links = []
-    for media in _media(analysis, explanation, issued):
-        urn = _urn()
-        media_links.append({"comment": media["content"]["title"], "link": {"reference": urn}})
-        entries.append(_entry(urn, media))
+        observation = _observation(ctx, score)
+        ident = observation["identifier"][0]
+        condition = f"identifier={ident['system']}|{ident['value']}"
+        entries.append(_entry(urn, observation, ifNoneExist=condition))
+    overlay_entries, media_links = _overlay_entries(ctx, explanation)
+    entries += overlay_entries
     report = _report(ctx, explanation, results, media_links)
     identifier = f"identifier={REPORT_SYSTEM}|{analysis.identifier}"
     entries.append(_entry(ctx.report_urn, report, ifNoneExist=identifier))
     entries.append(_entry(_urn(), _provenance(ctx, results)))
-    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+    bundle = fit_bundle({"resourceType": "Bundle", "type": "transaction", "entry": entries}, limits)
     Bundle.model_validate(bundle)  # fail here, with the field named, not at the EHR
     return bundle
 

@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -71,6 +71,24 @@ class Settings(BaseSettings):
 
     # Seconds between retries of undelivered write-backs (the backoff per report grows from 2 s).
     outbox_interval_s: float = 5.0
+    # Attempts before a report that keeps failing is marked dead (~25 h at the 5-minute cap).
+    outbox_max_attempts: int = 300
+
+    # Write-back credentials (never the hook's token): "smart-backend" = SMART Backend Services
+    # (client_credentials + private_key_jwt, ES384 for an EC P-384 key, RS384 for RSA; token
+    # endpoint from <fhir>/.well-known/smart-configuration unless writeback_token_url is set);
+    # "bearer" = a fixed token (sandboxes); "none" = no Authorization header (sandboxes).
+    writeback_auth: Literal["none", "bearer", "smart-backend"] = "none"
+    writeback_token: SecretStr | None = None
+    writeback_client_id: str = ""
+    writeback_private_key: Path | None = None  # PEM or JWK file of the client's private key
+    writeback_key_id: str = ""  # the `kid` the EHR registered; empty: the key's thumbprint
+    writeback_scope: str = ""  # empty: what write-back needs (mmcds.fhir.smart_auth)
+    writeback_token_url: str = ""
+    # The receiving server's limits: a report over them goes without its overlays (and says so).
+    writeback_max_bundle_bytes: int = 8_000_000
+    writeback_max_string_bytes: int = 1_000_000  # Medplum's limit
+    writeback_overlay_max_side: int = 1024
 
     # Input bounds: reject with a clear error beyond these.
     max_request_bytes: int = 1_000_000

@@ -15,13 +15,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from mmcds.errors import UpstreamUnavailable
+import httpx
+
+from mmcds.errors import ConfigurationError, UpstreamUnavailable
 from mmcds.explain.stage import explain
+from mmcds.fhir.bundle_limits import BundleLimits, BundleTooLarge
 from mmcds.fhir.client import FhirClient, FhirError
 from mmcds.fhir.dicomweb import DicomWebClient
 from mmcds.fhir.gather import Limits, gather_patient
 from mmcds.fhir.report import report_bundle
-from mmcds.fhir.writeback import send_bundle
+from mmcds.fhir.smart_auth import DEFAULT_SCOPE, BackendCredentials, BackendServicesAuth
+from mmcds.fhir.writeback import Sent, send_bundle
 from mmcds.fusion.pipeline import Pipeline
 from mmcds.records import Analysis, Explanation, PatientRecord, content_hash
 from mmcds.service.analysis_store import AnalysisStore
@@ -53,7 +57,7 @@ class AnalysisResult:
     analysis: Analysis | None = None
     explanation: Explanation | None = None
     bundle: dict[str, Any] | None = None
-    delivery: Delivery | None = None
+    delivery: Delivery | None = None  # None: not written back (the card says so)
     unavailable: str | None = None
     outbox_key: str | None = field(default=None, repr=False)
 
@@ -75,7 +79,17 @@ class AnalysisService:
     ) -> None:
         self.settings = settings
         self.analyses = analyses or AnalysisStore(settings.database_url)
-        self.outbox = outbox or Outbox(settings.database_url)
+        self.outbox = outbox or Outbox(
+            settings.database_url, max_attempts=settings.outbox_max_attempts
+        )
+        self.bundle_limits = BundleLimits(
+            max_bundle_bytes=settings.writeback_max_bundle_bytes,
+            max_string_bytes=settings.writeback_max_string_bytes,
+            overlay_max_side=settings.writeback_overlay_max_side,
+        )
+        self._credentials = _credentials(settings)  # read once: a bad key fails at start-up
+        self._auths: dict[str, httpx.Auth] = {}
+        self._auths_lock = threading.Lock()
         self.model_card_url = f"{settings.public_base_url.rstrip('/')}/model-card"
         self.limits = Limits(
             max_notes=settings.max_notes,
@@ -113,9 +127,15 @@ class AnalysisService:
                 reason = "patient not found" if exc.status == 404 else f"FHIR error {exc.status}"
                 return self._unavailable(reason)
         analysis, explanation = self.assess(record)
-        bundle = report_bundle(analysis, explanation)
-        key, delivery = self.write_back(trigger, analysis, bundle)
         card = analysis_card(analysis, explanation, self.model_card_url)
+        try:
+            bundle: dict[str, Any] | None = report_bundle(
+                analysis, explanation, limits=self.bundle_limits
+            )
+        except BundleTooLarge as exc:  # not even the report without overlays fits
+            log.error("analysis %s: report not written back: %s", trigger.request_id, exc)
+            bundle = None
+        key, delivery = self.write_back(trigger, analysis, bundle) if bundle else (None, None)
         card["detail"] += delivery_note(delivery)
         return AnalysisResult(
             cards=[card],
@@ -152,9 +172,25 @@ class AnalysisService:
             log.info("analysis %s: DiagnosticReport/%s", trigger.request_id, delivery.report_id)
         return key, delivery
 
-    def send(self, fhir_server: str, bundle: dict[str, Any]) -> str | None:
-        """The outbox's ``Send``: one transaction to ``fhir_server``."""
-        return send_bundle(fhir_server, bundle, timeout_s=self.settings.fhir_timeout_s)
+    def send(self, fhir_server: str, bundle: dict[str, Any]) -> Sent:
+        """The outbox's ``Send``: one transaction to ``fhir_server``, with write-back's own
+        credentials (one cached token per server)."""
+        return send_bundle(
+            fhir_server, bundle, timeout_s=self.settings.fhir_timeout_s, auth=self.auth(fhir_server)
+        )
+
+    def auth(self, fhir_server: str) -> httpx.Auth | None:
+        s = self.settings
+        if s.writeback_auth == "bearer":
+            return _Bearer(s.writeback_token.get_secret_value() if s.writeback_token else "")
+        if self._credentials is None:
+            return None
+        with self._auths_lock:
+            if fhir_server not in self._auths:
+                self._auths[fhir_server] = BackendServicesAuth(
+                    fhir_server, self._credentials, timeout_s=s.fhir_timeout_s
+                )
+            return self._auths[fhir_server]
 
     # --- helpers ----------------------------------------------------------------------------
 
@@ -162,6 +198,34 @@ class AnalysisService:
         return AnalysisResult(
             cards=[unavailable_card(reason, self.model_card_url)], unavailable=reason
         )
+
+
+class _Bearer(httpx.Auth):
+    """A fixed bearer token (``MMCDS_WRITEBACK_AUTH=bearer``, for sandboxes)."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    def auth_flow(self, request: httpx.Request) -> Iterator[httpx.Request]:
+        request.headers["Authorization"] = f"Bearer {self._token}"
+        yield request
+
+
+def _credentials(settings: Settings) -> BackendCredentials | None:
+    if settings.writeback_auth != "smart-backend":
+        return None
+    if not settings.writeback_client_id or settings.writeback_private_key is None:
+        raise ConfigurationError(
+            "MMCDS_WRITEBACK_AUTH=smart-backend needs MMCDS_WRITEBACK_CLIENT_ID and "
+            "MMCDS_WRITEBACK_PRIVATE_KEY"
+        )
+    return BackendCredentials.from_file(
+        settings.writeback_client_id,
+        settings.writeback_private_key,
+        kid=settings.writeback_key_id,
+        scope=settings.writeback_scope or DEFAULT_SCOPE,
+        token_url=settings.writeback_token_url or None,
+    )
 
 
 @contextlib.contextmanager

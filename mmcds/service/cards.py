@@ -49,9 +49,25 @@ def unavailable_card(reason: str, model_card_url: str) -> dict[str, Any]:
 
 
 def delivery_note(delivery: Delivery | None) -> str:
-    """The card's last line: where the report stands, in words that match the outbox state."""
-    if delivery is not None and delivery.status == "delivered":
-        return f"\n\nWritten back as DiagnosticReport/{delivery.report_id}."
+    """The card's last line: where the report stands, in words true of the outbox state (a
+    clinician must never read "will be retried" about a report nobody will retry)."""
+    if delivery is None:
+        return "\n\nThe report has not been written back to the EHR."
+    if delivery.status == "delivered":
+        line = f"\n\nWritten back as DiagnosticReport/{delivery.report_id}."
+        if delivery.note and delivery.note.startswith("overlays left out"):
+            line += " The saliency images were left out of it (too large for the EHR)."
+        return line
+    if delivery.status == "rejected":
+        return (
+            "\n\nThe EHR refused the report, so it was not written back; it will not be "
+            "retried until an administrator fixes the cause (they have been alerted)."
+        )
+    if delivery.status == "dead":
+        return (
+            f"\n\nThe report could not be written back after {delivery.attempts} attempts and "
+            "is no longer retried; an administrator has been alerted."
+        )
     return (
         "\n\nThe report could not be written back to the EHR yet; it is queued and will be retried."
     )
