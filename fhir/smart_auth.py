@@ -12,6 +12,7 @@ Tokens and assertions are secrets: they never appear in a log line or an error m
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -23,7 +24,8 @@ from typing import Any
 
 import httpx
 from joserfc import jwt
-from joserfc.jwk import ECKey, RSAKey, import_key
+from joserfc.errors import JoseError
+from joserfc.jwk import ECKey, RSAKey
 
 from mmcds.errors import AuthError, ConfigurationError, UpstreamUnavailable
 
@@ -74,9 +76,8 @@ class BackendCredentials:
     ) -> BackendCredentials:
         """The private key from a PEM or JWK (JSON) file."""
         try:
-            data = path.read_bytes()
-            key = import_key(data.decode() if data.lstrip().startswith(b"{") else data)
-        except (OSError, ValueError) as exc:
+            key = _read_key(path.read_bytes())
+        except (OSError, ValueError, JoseError) as exc:
             raise ConfigurationError(
                 f"cannot read the write-back private key {path}: {exc}"
             ) from exc
@@ -85,6 +86,19 @@ class BackendCredentials:
         if isinstance(key, ECKey) and key.curve_name != "P-384":
             raise ConfigurationError(f"{path}: ES384 needs a P-384 key, not {key.curve_name}")
         return cls(client_id, key, kid or key.thumbprint(), scope, token_url or None)
+
+
+def _read_key(data: bytes) -> ECKey | RSAKey:
+    if data.lstrip().startswith(b"{"):
+        jwk = json.loads(data)
+        kinds = {"EC": ECKey, "RSA": RSAKey}
+        if jwk.get("kty") not in kinds:
+            raise ValueError(f"key type {jwk.get('kty')!r} is neither EC nor RSA")
+        return kinds[jwk["kty"]].import_key(jwk)
+    try:
+        return ECKey.import_key(data)
+    except (ValueError, JoseError):
+        return RSAKey.import_key(data)
 
 
 def discover_token_url(http: httpx.Client, fhir_base: str) -> str:
@@ -159,7 +173,7 @@ class BackendServicesAuth(httpx.Auth):
 
     def assertion(self, token_url: str) -> str:
         """The signed client assertion (RFC 7523) for one token request."""
-        now = int(self._clock())
+        now = int(time.time())  # the real time: the server checks it (the clock is for caching)
         c = self.credentials
         claims = {
             "iss": c.client_id,

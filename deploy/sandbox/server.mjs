@@ -2,10 +2,12 @@
 // pieces a real EHR's FHIR server has and raw Medplum lacks (DESIGN.md §4): /metadata, validation
 // on write, atomic transactions with rollback, paging links, bare-id reference searches, 400 on
 // unknown search parameters, a reset route for test isolation, bounded request bodies.
-// For tests and demos only: no authentication, everything lives in memory.
+// For tests and demos only: everything lives in memory. No authentication unless AUTH_JWKS or
+// AUTH_JWKS_URL is set (see "Bearer tokens" below and README.md).
 //
 // Usage: node server.mjs [PORT]   (or PORT=... ; HOST defaults to 127.0.0.1)
 // Reset: POST {base}/$reset clears every resource (tests call it before each test).
+import { createPublicKey, verify as verifySignature } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import http from 'node:http';
 import { createRequire } from 'node:module';
@@ -522,6 +524,100 @@ class HttpError extends OperationOutcomeError {
   }
 }
 
+// --- Bearer tokens (off unless configured). ----------------------------------------------------
+// A resource server as SMART Backend Services expects one: every request but the public ones
+// (/metadata, /.well-known/smart-configuration, the test-only $reset) must carry a JWT access
+// token signed by a key of the authorisation server's JWKS (AUTH_JWKS inline, or AUTH_JWKS_URL
+// fetched and re-fetched on an unknown kid), unexpired, with AUTH_ISSUER / AUTH_AUDIENCE when
+// set. AUTH_TOKEN_URL is advertised as token_endpoint in the SMART configuration.
+const AUTH = {
+  jwks: process.env.AUTH_JWKS,
+  jwksUrl: process.env.AUTH_JWKS_URL,
+  issuer: process.env.AUTH_ISSUER,
+  audience: process.env.AUTH_AUDIENCE,
+  tokenUrl: process.env.AUTH_TOKEN_URL,
+};
+const AUTH_ON = Boolean(AUTH.jwks || AUTH.jwksUrl);
+const JWT_ALGS = {
+  ES256: ['sha256', 'ieee-p1363'],
+  ES384: ['sha384', 'ieee-p1363'],
+  RS256: ['sha256'],
+  RS384: ['sha384'],
+};
+let jwksCache = { keys: undefined, at: 0 };
+
+async function jwksKeys(refresh) {
+  if (AUTH.jwks) return JSON.parse(AUTH.jwks).keys ?? [];
+  const stale = refresh && Date.now() - jwksCache.at > 5000; // at most one re-fetch per 5 s
+  if (jwksCache.keys === undefined || stale) {
+    const response = await fetch(AUTH.jwksUrl);
+    if (!response.ok) throw new HttpError(503, `JWKS ${AUTH.jwksUrl} answered ${response.status}`);
+    jwksCache = { keys: (await response.json()).keys ?? [], at: Date.now() };
+  }
+  return jwksCache.keys;
+}
+
+class Unauthorized extends HttpError {
+  constructor(why) {
+    super(401, `Unauthorized: ${why}`);
+  }
+}
+
+/** Throws Unauthorized unless the request carries a valid access token (never logged). */
+async function checkBearer(req) {
+  const match = /^Bearer\s+([A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+)$/.exec(
+    req.headers.authorization ?? '',
+  );
+  if (!match) throw new Unauthorized('a bearer JWT is required');
+  const [head, body, signature] = match[1].split('.');
+  let header;
+  let claims;
+  try {
+    header = JSON.parse(Buffer.from(head, 'base64url').toString('utf8'));
+    claims = JSON.parse(Buffer.from(body, 'base64url').toString('utf8'));
+  } catch {
+    throw new Unauthorized('malformed token');
+  }
+  const alg = JWT_ALGS[header.alg];
+  if (!alg) throw new Unauthorized(`algorithm ${header.alg} not accepted`);
+  const find = (keys) => keys.find((k) => k.kid === header.kid);
+  const jwk = find(await jwksKeys(false)) ?? find(await jwksKeys(true));
+  if (!jwk) throw new Unauthorized('unknown signing key');
+  const key = createPublicKey({ key: jwk, format: 'jwk' });
+  const valid = verifySignature(
+    alg[0],
+    Buffer.from(`${head}.${body}`),
+    alg[1] ? { key, dsaEncoding: alg[1] } : key,
+    Buffer.from(signature, 'base64url'),
+  );
+  if (!valid) throw new Unauthorized('bad signature');
+  const now = Date.now() / 1000;
+  if (typeof claims.exp !== 'number' || claims.exp <= now) throw new Unauthorized('token expired');
+  if (typeof claims.nbf === 'number' && claims.nbf > now + 30) throw new Unauthorized('token not yet valid');
+  if (AUTH.issuer && claims.iss !== AUTH.issuer) throw new Unauthorized('wrong issuer');
+  if (AUTH.audience && ![].concat(claims.aud ?? []).includes(AUTH.audience))
+    throw new Unauthorized('wrong audience');
+}
+
+function smartConfiguration() {
+  return {
+    token_endpoint: AUTH.tokenUrl,
+    grant_types_supported: ['client_credentials'],
+    token_endpoint_auth_methods_supported: ['private_key_jwt'],
+    token_endpoint_auth_signing_alg_values_supported: ['ES384', 'RS384'],
+    scopes_supported: ['system/*.cruds'],
+    capabilities: ['client-confidential-asymmetric'],
+  };
+}
+
+/** Public routes: discovery, and the test-only reset. */
+function isPublic(method, path) {
+  return (
+    (method === 'GET' && (path === 'metadata' || path === '.well-known/smart-configuration')) ||
+    (method === 'POST' && path === '$reset')
+  );
+}
+
 async function readBody(req) {
   if (Number(req.headers['content-length'] ?? 0) > MAX_BODY_BYTES)
     throw new HttpError(413, `Request body over ${MAX_BODY_BYTES} bytes`);
@@ -559,6 +655,10 @@ async function route(req, baseUrl, body) {
   const method = req.method;
 
   if (method === 'GET' && path === 'metadata') return [allOk, metadata(baseUrl)];
+  if (method === 'GET' && path === '.well-known/smart-configuration') {
+    if (!AUTH.tokenUrl) throw new HttpError(404, 'No SMART configuration (AUTH_TOKEN_URL is not set)');
+    return [allOk, smartConfiguration()];
+  }
   if (method === 'POST' && path === '$reset') {
     repo.clear();
     return [allOk];
@@ -607,6 +707,8 @@ async function handle(req, res) {
     const { pathname } = new URL(req.url, 'http://sandbox');
     if (pathname !== BASE && !pathname.startsWith(`${BASE}/`))
       throw new HttpError(404, `Not found; the FHIR base is ${BASE}`);
+    const path = pathname.slice(BASE.length).replace(/^\/+|\/+$/g, '');
+    if (AUTH_ON && !isPublic(req.method, path)) await checkBearer(req);
     // Read the body before taking the lock, so a slow upload does not stall other clients.
     const body = parseBody(await readBody(req), req.headers['content-type'], pathname.split('/')[3]);
     const [outcome, resource] = await serialized(() => route(req, baseUrl, body));
@@ -641,7 +743,9 @@ async function handle(req, res) {
     const status =
       err instanceof HttpError ? err.status : err instanceof OperationOutcomeError ? getStatus(outcome) : 500;
     if (status >= 500) console.error(err);
-    if (!res.headersSent) send(res, status, outcome, status === 413 ? { Connection: 'close' } : {});
+    const headers = status === 413 ? { Connection: 'close' } : {};
+    if (status === 401) headers['WWW-Authenticate'] = 'Bearer error="invalid_token"';
+    if (!res.headersSent) send(res, status, outcome, headers);
     else res.destroy();
   }
 }

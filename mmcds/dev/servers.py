@@ -110,11 +110,12 @@ class _ChildServer(abc.ABC):
             return ""
         return "\n".join(text.splitlines()[-lines:])
 
-    def _spawn(self, argv: list[str], cwd: Path) -> None:
+    def _spawn(self, argv: list[str], cwd: Path, env: dict[str, str] | None = None) -> None:
         self._log = (self.workdir / "server.log").open("wb")
         self._proc = subprocess.Popen(
             argv,
             cwd=cwd,
+            env={**os.environ, **env} if env else None,
             stdin=subprocess.DEVNULL,
             stdout=self._log,  # a file, not a pipe: a chatty server cannot block on a full pipe
             stderr=subprocess.STDOUT,
@@ -188,7 +189,11 @@ class _ChildServer(abc.ABC):
 
 
 class FhirSandbox(_ChildServer):
-    """The Node FHIR R4 sandbox in ``deploy/sandbox`` (in-memory, no auth; for tests and demos)."""
+    """The Node FHIR R4 sandbox in ``deploy/sandbox`` (in-memory; for tests and demos).
+
+    ``env`` passes the sandbox's settings (``deploy/sandbox/README.md``), e.g. ``AUTH_JWKS_URL``
+    to require bearer tokens or ``MAX_BODY_BYTES`` to bound requests; none by default.
+    """
 
     name = "FHIR sandbox"
 
@@ -199,10 +204,12 @@ class FhirSandbox(_ChildServer):
         host: str = "127.0.0.1",
         startup_timeout_s: float = 60.0,
         sandbox_dir: Path = SANDBOX_DIR,
+        env: dict[str, str] | None = None,
     ) -> None:
         super().__init__(host, startup_timeout_s)
         self.port = port or free_port(host)
         self.sandbox_dir = sandbox_dir
+        self.env = dict(env or {})
 
     @property
     def base_url(self) -> str:
@@ -216,7 +223,7 @@ class FhirSandbox(_ChildServer):
                 "or point MMCDS_FHIR_BASE_URL at a FHIR R4 server"
             )
         self._install_packages()
-        self._spawn([node, "server.mjs", str(self.port)], cwd=self.sandbox_dir)
+        self._spawn([node, "server.mjs", str(self.port)], cwd=self.sandbox_dir, env=self.env)
         self._wait_ready(f"{self.base_url}/metadata")
 
     def _install_packages(self) -> None:

@@ -138,10 +138,11 @@ def test_hook_writes_back_a_report_with_the_run_values(
         assert report["status"] == "preliminary"
         assert report["subject"]["reference"] == f"Patient/{patient_id}"
         assert "UNTRAINED" in report["conclusion"]
-        # One saliency overlay (Media, PNG) per finding for the patient's one image.
+        # One saliency overlay (Media -> Binary, PNG) per finding for the patient's one image.
         assert len(report["media"]) == len(FINDINGS)
         media = fhir.read(*report["media"][0]["link"]["reference"].split("/"))
-        assert base64.b64decode(media["content"]["data"])[:8] == b"\x89PNG\r\n\x1a\n"
+        assert "data" not in media["content"]  # by URL, never inline
+        assert fhir.fetch_bytes(media["content"]["url"])[:8] == b"\x89PNG\r\n\x1a\n"
         written = {}
         for ref in report["result"]:
             obs = fhir.read(*ref["reference"].split("/"))
