@@ -88,6 +88,47 @@ def analyse(
 
 
 @app.command()
+def outbox(
+    retry: Annotated[
+        list[str] | None,
+        typer.Option("--retry", help="Re-drive this report now (after a fix); repeatable"),
+    ] = None,
+    state: Annotated[
+        list[str] | None,
+        typer.Option(help="Only these states: pending, delivered, rejected, dead"),
+    ] = None,
+    limit: Annotated[int, typer.Option(min=1)] = 50,
+) -> None:
+    """List write-back reports and their state; --retry KEY gives one a fresh retry budget and
+    sends it at once (with the service's write-back credentials)."""
+    from mmcds.service.analysis import AnalysisService
+    from mmcds.service.outbox import STATES
+
+    s = get_settings()
+    service = AnalysisService(s)
+    box = service.outbox
+    for key in retry or []:
+        if box.get(key) is None:
+            typer.echo(f"error: no report {key} in the outbox", err=True)
+            raise typer.Exit(1)
+        box.retry(key)
+        box.deliver(service.send, key=key)
+    bad = set(state or ()) - set(STATES)
+    if bad:
+        raise typer.BadParameter(f"unknown state(s) {sorted(bad)}; use {', '.join(STATES)}")
+    counts = box.counts()
+    typer.echo("  ".join(f"{name}: {counts.get(name, 0)}" for name in STATES))
+    for d in box.list(tuple(state or STATES), limit=limit):
+        what = f"DiagnosticReport/{d.report_id}" if d.report_id else (d.last_error or "")
+        if d.note:
+            what += f" ({d.note})"
+        typer.echo(f"{d.key}  {d.status:<9}  attempts {d.attempts:<3}  {d.fhir_server}  {what}")
+    failed = [k for k in retry or [] if (d := box.get(k)) is not None and d.status != "delivered"]
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
 def demo(
     patients: Annotated[int, typer.Option(min=1, max=20)] = 3,
     seed: Annotated[int, typer.Option()] = 7,
