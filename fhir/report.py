@@ -32,16 +32,12 @@ AIAST = {
     "code": "AIAST",
     "display": "Artificial Intelligence asserted",
 }
-REPORT_CODE = {
-    "coding": [
-        {
-            "system": "urn:mmcds:report",
-            "code": "multimodal-risk-summary",
-            "display": "Multimodal AI diagnosis-support summary",
-        }
-    ],
-    "text": "AI diagnosis-support summary (preliminary)",
+REPORT_CODING = {
+    "system": "urn:mmcds:report",
+    "code": "multimodal-risk-summary",
+    "display": "Multimodal AI diagnosis-support summary",
 }
+REPORT_CODE = {"coding": [REPORT_CODING], "text": "AI diagnosis-support summary (preliminary)"}
 
 
 SNOMED = "http://snomed.info/sct"
@@ -127,13 +123,14 @@ def _overlay_entries(ctx: _Context, explanation: Explanation) -> tuple[list[Any]
             "data": base64.b64encode(png).decode(),
         }
         title = f"AI saliency (preliminary): {BY_NAME[finding].display}, image {sop_uid}"
+        overlay_id = f"{ctx.analysis.identifier}:{finding}:{sop_uid}"
         media = {
             "resourceType": "Media",
             "meta": _meta(),
             "identifier": [
                 {
                     "system": OVERLAY_SYSTEM,
-                    "value": f"{ctx.analysis.identifier}:{finding}:{sop_uid}",
+                    "value": overlay_id,
                 }
             ],
             "status": "completed",
@@ -154,11 +151,9 @@ def _overlay_entries(ctx: _Context, explanation: Explanation) -> tuple[list[Any]
             },
             "note": [{"text": "Heatmap of what moved the model's score; not proof of disease."}],
         }
-        ident = media["identifier"][0]
         entries.append(_entry(binary_urn, binary))
-        entries.append(
-            _entry(media_urn, media, ifNoneExist=f"identifier={ident['system']}|{ident['value']}")
-        )
+        condition = f"identifier={OVERLAY_SYSTEM}|{overlay_id}"
+        entries.append(_entry(media_urn, media, ifNoneExist=condition))
         links.append({"comment": title, "link": {"reference": media_urn}})
     return entries, links
 

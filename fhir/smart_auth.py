@@ -91,10 +91,11 @@ class BackendCredentials:
 def _read_key(data: bytes) -> ECKey | RSAKey:
     if data.lstrip().startswith(b"{"):
         jwk = json.loads(data)
-        kinds = {"EC": ECKey, "RSA": RSAKey}
-        if jwk.get("kty") not in kinds:
-            raise ValueError(f"key type {jwk.get('kty')!r} is neither EC nor RSA")
-        return kinds[jwk["kty"]].import_key(jwk)
+        if jwk.get("kty") == "EC":
+            return ECKey.import_key(jwk)
+        if jwk.get("kty") == "RSA":
+            return RSAKey.import_key(jwk)
+        raise ValueError(f"key type {jwk.get('kty')!r} is neither EC nor RSA")
     try:
         return ECKey.import_key(data)
     except (ValueError, JoseError):

@@ -28,7 +28,7 @@ import httpx
 from mmcds.errors import DeliveryRejected
 from mmcds.fhir.bundle_limits import has_overlays, without_overlays
 from mmcds.fhir.client import FhirClient, FhirError, FhirUnavailable
-from mmcds.fhir.report import REPORT_CODE, REPORT_SYSTEM, written_report_id
+from mmcds.fhir.report import REPORT_CODING, REPORT_SYSTEM, written_report_id
 
 #: 4xx answers that say "not now" rather than "never": an expired or revoked token (after the
 #: auth's own refresh), a rate limit, a version conflict while superseding.
@@ -87,7 +87,7 @@ def _supersede(client: FhirClient, bundle: dict[str, Any]) -> tuple[dict[str, An
     subject = (report.get("subject") or {}).get("reference")
     if not subject:
         return bundle, []
-    code = REPORT_CODE["coding"][0]
+    code = REPORT_CODING
     earlier = [
         r
         for r in client.search(

@@ -118,13 +118,13 @@ def outbox(
         raise typer.BadParameter(f"unknown state(s) {sorted(bad)}; use {', '.join(STATES)}")
     counts = box.counts()
     typer.echo("  ".join(f"{name}: {counts.get(name, 0)}" for name in STATES))
-    for d in box.list(tuple(state or STATES), limit=limit):
+    for d in box.deliveries(tuple(state or STATES), limit=limit):
         what = f"DiagnosticReport/{d.report_id}" if d.report_id else (d.last_error or "")
         if d.note:
             what += f" ({d.note})"
         typer.echo(f"{d.key}  {d.status:<9}  attempts {d.attempts:<3}  {d.fhir_server}  {what}")
-    failed = [k for k in retry or [] if (d := box.get(k)) is not None and d.status != "delivered"]
-    if failed:
+    settled = [box.get(k) for k in retry or []]
+    if any(r is None or r.status != "delivered" for r in settled):
         raise typer.Exit(1)
 
 

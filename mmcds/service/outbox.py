@@ -185,7 +185,7 @@ class Outbox:
             rows = conn.execute(select(t.c.status, func.count()).group_by(t.c.status)).all()
         return {str(status): int(n) for status, n in rows}
 
-    def list(self, states: tuple[str, ...] = STATES, limit: int = 100) -> list[Delivery]:
+    def deliveries(self, states: tuple[str, ...] = STATES, limit: int = 100) -> list[Delivery]:
         """The newest ``limit`` reports in ``states``."""
         t = self.table
         query = select(t).where(t.c.status.in_(states)).order_by(t.c.created_at.desc())

@@ -40,7 +40,12 @@ class FaultyProxy:
         return f"http://127.0.0.1:{self.port}/fhir/R4"
 
     def arm(
-        self, fault: str, *, times: int = 1, methods: tuple[str, ...] = ("POST",), delay_s: float = 0
+        self,
+        fault: str,
+        *,
+        times: int = 1,
+        methods: tuple[str, ...] = ("POST",),
+        delay_s: float = 0,
     ) -> None:
         with self._lock:
             self.fault, self.times, self.methods, self.delay_s = fault, times, methods, delay_s
