@@ -112,3 +112,40 @@ def test_a_bundle_the_server_refuses_is_kept_as_rejected_not_retried(
     assert result.status == "rejected" and "400" in (result.last_error or "")
     assert outbox.pending() == 0
     outbox.close()
+
+
+def test_outbox_command_lists_and_re_drives(
+    fhir_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from mmcds.cli import app
+    from mmcds.settings import get_settings
+
+    database = f"sqlite:///{tmp_path / 'cli.db'}"
+    outbox = Outbox(database, max_attempts=1)
+    outbox.enqueue("k4", fhir_url.replace("/fhir/R4", "/nothing-here/fhir/R4"), _bundle("k4"))
+    outbox.enqueue("k5", f"http://127.0.0.1:{free_port()}/fhir/R4", _bundle("k5"))
+    outbox.deliver(send_bundle)  # k4: a 404 -> rejected; k5: down, one attempt -> dead
+    assert {d.key: d.status for d in outbox.deliveries()} == {"k4": "rejected", "k5": "dead"}
+    # The operator fixes the cause (here: the server comes back at k5's address) ...
+    with outbox.engine.begin() as conn:
+        conn.execute(
+            outbox.table.update().where(outbox.table.c.key == "k5").values(fhir_server=fhir_url)
+        )
+    monkeypatch.setenv("MMCDS_DATABASE_URL", database)
+    monkeypatch.setenv("MMCDS_HOME", str(tmp_path))
+    get_settings.cache_clear()
+    try:
+        runner = CliRunner()
+        listed = runner.invoke(app, ["outbox"])
+        assert listed.exit_code == 0, listed.output
+        assert "rejected: 1" in listed.output and "dead: 1" in listed.output
+        assert "404" in listed.output  # the server's reason, for the operator
+        retried = runner.invoke(app, ["outbox", "--retry", "k5", "--state", "delivered"])
+        assert retried.exit_code == 0, retried.output
+        assert "k5  delivered" in retried.output and "DiagnosticReport/" in retried.output
+        assert runner.invoke(app, ["outbox", "--retry", "k4"]).exit_code == 1  # still refused
+    finally:
+        get_settings.cache_clear()
+    outbox.close()
