@@ -27,14 +27,10 @@ import numpy as np
 
 import mmcds.explain.stage as explain_stage
 import mmcds.service.analysis as analysis_module
-from mmcds.dev.fullsize import enlarge_images
+from mmcds.dev.fullsize import enlarge_images, load_cohort, local_settings
 from mmcds.dev.servers import FhirSandbox, OrthancPacs
-from mmcds.fhir.client import FhirClient
-from mmcds.fhir.dicomweb import DicomWebClient
-from mmcds.fhir.load import load_folder
 from mmcds.fusion.pipeline import Pipeline
 from mmcds.service.analysis import AnalysisService, Trigger
-from mmcds.settings import Settings
 from mmcds.synth import generate_cohort
 
 SPENT: dict[str, float] = defaultdict(float)
@@ -55,17 +51,8 @@ def _pct(values: list[float], q: float) -> float:
     return round(float(np.percentile(np.asarray(values), q)), 3)
 
 
-def run(
-    folder: Path, settings: Settings, service: AnalysisService, fhir_url: str
-) -> dict[str, Any]:
-    auth = (settings.dicomweb_user or "", settings.dicomweb_password or "")
-    with (
-        FhirClient(fhir_url, timeout=120) as fhir,
-        DicomWebClient(settings.dicomweb_url, auth=auth) as pacs,
-    ):
-        assert not load_folder(folder, fhir, pacs).errors
-    with FhirClient(fhir_url) as fhir:
-        ids = [p["id"] for p in fhir.search("Patient", {"_count": "100"})]
+def run(folder: Path, pacs: OrthancPacs, service: AnalysisService, fhir_url: str) -> dict[str, Any]:
+    ids = load_cohort(folder, fhir_url, pacs)
     totals, overlays, writeback, states = [], [], [], []
     for patient_id in ids:
         SPENT.clear()
@@ -103,18 +90,11 @@ def main() -> None:
     out: dict[str, Any] = {"rows": args.rows, "cols": args.cols}
     with tempfile.TemporaryDirectory() as tmp, FhirSandbox() as fhir, OrthancPacs() as pacs:
         root = Path(tmp)
-        settings = Settings(
-            model_dir=root / "models",
-            database_url=f"sqlite:///{root / 'service.db'}",
-            fhir_allowlist=[fhir.base_url],
-            dicomweb_url=pacs.dicomweb_url,
-            dicomweb_user=pacs.user,
-            dicomweb_password=pacs.password,
-        )
+        settings = local_settings(root, fhir.base_url, pacs, root / "models")
         service = AnalysisService(settings, pipeline=Pipeline.from_settings(settings))
         # Warm-up (model load, first-call costs) on a patient of its own, not timed.
         generate_cohort(root / "warm", patients=1, seed=args.seed + 1000)
-        run(root / "warm", settings, service, fhir.base_url)
+        run(root / "warm", pacs, service, fhir.base_url)
         for name in ("baseline", "full_size"):
             fhir.reset()
             pacs.reset()
@@ -122,7 +102,7 @@ def main() -> None:
             generate_cohort(folder, patients=args.patients, seed=args.seed)
             if name == "full_size":
                 enlarge_images(folder, args.rows, args.cols)
-            out[name] = run(folder, settings, service, fhir.base_url)
+            out[name] = run(folder, pacs, service, fhir.base_url)
     out["ratio_p50_full_vs_baseline"] = round(
         out["full_size"]["p50_s"] / out["baseline"]["p50_s"], 2
     )

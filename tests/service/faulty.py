@@ -12,6 +12,7 @@ Every request is forwarded to the real sandbox unless a fault is armed for it:
 from __future__ import annotations
 
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -20,6 +21,16 @@ import httpx
 from mmcds.dev.servers import free_port
 
 FORWARDED = ("content-type", "accept", "authorization", "if-none-exist", "if-match", "prefer")
+
+
+class WallClock:
+    """Now, until the test moves it on (backoff and leases checked without sleeping)."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
 
 
 class FaultyProxy:

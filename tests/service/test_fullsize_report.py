@@ -16,12 +16,10 @@ from fhir.resources.R4B.observation import Observation
 from fhir.resources.R4B.provenance import Provenance
 from PIL import Image
 
-from mmcds.dev.fullsize import enlarge_images
+from mmcds.dev.fullsize import enlarge_images, load_cohort, local_settings
 from mmcds.dev.servers import FhirSandbox, OrthancPacs
 from mmcds.fhir.bundle_limits import OMITTED_PREFIX, BundleLimits, oversize
 from mmcds.fhir.client import FhirClient
-from mmcds.fhir.dicomweb import DicomWebClient
-from mmcds.fhir.load import load_folder
 from mmcds.fhir.report import report_bundle
 from mmcds.fhir.writeback import send_bundle
 from mmcds.findings import FINDINGS
@@ -42,21 +40,9 @@ def full_size_patient(
     assert enlarge_images(root / "cohort", ROWS, COLS) == 1
     fhir_sandbox.reset()
     orthanc.reset()
-    with (
-        FhirClient(fhir_sandbox.base_url) as fhir,
-        DicomWebClient(orthanc.dicomweb_url, auth=orthanc.auth) as pacs,
-    ):
-        assert not load_folder(root / "cohort", fhir, pacs).errors
-        (patient,) = fhir.search("Patient", {})
-    settings = Settings(
-        model_dir=tmp_path_factory.getbasetemp() / "models",
-        database_url=f"sqlite:///{root / 'service.db'}",
-        fhir_allowlist=[fhir_sandbox.base_url],
-        dicomweb_url=orthanc.dicomweb_url,
-        dicomweb_user=orthanc.user,
-        dicomweb_password=orthanc.password,
-    )
-    return patient["id"], settings
+    (patient_id,) = load_cohort(root / "cohort", fhir_sandbox.base_url, orthanc)
+    models = tmp_path_factory.getbasetemp() / "models"
+    return patient_id, local_settings(root, fhir_sandbox.base_url, orthanc, models)
 
 
 def _read(fhir: FhirClient, reference: str) -> dict[str, Any]:

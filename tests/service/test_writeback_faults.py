@@ -19,32 +19,22 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from faulty import FaultyProxy
+from faulty import FaultyProxy, WallClock
 from prometheus_client import REGISTRY
 
+from mmcds.dev.fullsize import load_cohort, local_settings
 from mmcds.dev.servers import FhirSandbox, OrthancPacs, free_port
 from mmcds.fhir.bundle_limits import OMITTED_PREFIX
 from mmcds.fhir.client import FhirClient
-from mmcds.fhir.dicomweb import DicomWebClient
-from mmcds.fhir.load import load_folder
 from mmcds.fhir.writeback import send_bundle
 from mmcds.findings import FINDINGS
 from mmcds.fusion.pipeline import Pipeline
 from mmcds.service.analysis import AnalysisService, Trigger
 from mmcds.service.cards import delivery_note
 from mmcds.service.outbox import LEASE_S, Outbox
-from mmcds.settings import Settings
 from mmcds.synth import generate_cohort
 
 TYPES = ("DiagnosticReport", "Observation", "Media", "Binary", "Device", "Provenance")
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture(scope="module")
@@ -57,22 +47,11 @@ def analysed(
     generate_cohort(root / "cohort", patients=1, seed=5)
     fhir_sandbox.reset()
     orthanc.reset()
-    with (
-        FhirClient(fhir_sandbox.base_url) as fhir,
-        DicomWebClient(orthanc.dicomweb_url, auth=orthanc.auth) as pacs,
-    ):
-        assert not load_folder(root / "cohort", fhir, pacs).errors
-        (patient,) = fhir.search("Patient", {})
-    settings = Settings(
-        model_dir=tmp_path_factory.getbasetemp() / "models",
-        database_url=f"sqlite:///{root / 'service.db'}",
-        fhir_allowlist=[fhir_sandbox.base_url],
-        dicomweb_url=orthanc.dicomweb_url,
-        dicomweb_user=orthanc.user,
-        dicomweb_password=orthanc.password,
-    )
+    (patient_id,) = load_cohort(root / "cohort", fhir_sandbox.base_url, orthanc)
+    models = tmp_path_factory.getbasetemp() / "models"
+    settings = local_settings(root, fhir_sandbox.base_url, orthanc, models)
     service = AnalysisService(settings, pipeline=Pipeline.from_settings(settings))
-    result = service.analyse(Trigger(patient["id"], fhir_sandbox.base_url))
+    result = service.analyse(Trigger(patient_id, fhir_sandbox.base_url))
     assert result.bundle is not None
     return result.bundle
 
@@ -118,7 +97,7 @@ def proxy(fhir_url: str) -> Iterator[FaultyProxy]:
 def test_server_down_during_write_back(analysed: dict[str, Any], db: str) -> None:
     port = free_port()
     server = f"http://127.0.0.1:{port}/fhir/R4"
-    clock = Clock()
+    clock = WallClock()
     outbox = Outbox(db, clock=clock)
     outbox.enqueue("down", server, analysed)
     (state,) = outbox.deliver(send_with())
@@ -133,7 +112,7 @@ def test_server_down_during_write_back(analysed: dict[str, Any], db: str) -> Non
 
 
 def test_server_answering_500(analysed: dict[str, Any], db: str, proxy: FaultyProxy) -> None:
-    clock = Clock()
+    clock = WallClock()
     outbox = Outbox(db, clock=clock)
     outbox.enqueue("500", proxy.base_url, analysed)
     proxy.arm("error500", times=2)
@@ -152,7 +131,7 @@ def test_server_slower_than_the_timeout(
     analysed: dict[str, Any], db: str, proxy: FaultyProxy
 ) -> None:
     """The write lands but its answer comes too late: the retry must find it, not resend it."""
-    clock = Clock()
+    clock = WallClock()
     outbox = Outbox(db, clock=clock)
     outbox.enqueue("slow", proxy.base_url, analysed)
     proxy.arm("slow", delay_s=3.0)
@@ -349,7 +328,7 @@ def test_rejected_report_is_logged_counted_and_re_driven(
 def test_dead_after_the_retry_budget(
     analysed: dict[str, Any], db: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    clock = Clock()
+    clock = WallClock()
     outbox = Outbox(db, clock=clock, max_attempts=3)
     outbox.enqueue("dead", f"http://127.0.0.1:{free_port()}/fhir/R4", analysed)
     before = reports_total("dead")
