@@ -23,8 +23,8 @@ from mmcds.encoders.image import ImageEncoder
 from mmcds.encoders.labs import empty_lab_frame
 from mmcds.encoders.sections import is_label
 from mmcds.explain.assertion import assertion
-from mmcds.explain.boilerplate import is_boilerplate
 from mmcds.explain.attribution import logits
+from mmcds.explain.boilerplate import is_boilerplate
 from mmcds.explain.image import (
     CNN_METHOD,
     VIT_METHOD,
