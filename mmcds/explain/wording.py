@@ -135,6 +135,18 @@ _PLAIN: tuple[tuple[str, re.Pattern[str], str], ...] = (
 _TECHNICAL = re.compile(r"[{}<>\[\]\"]|https?://|\b(?:failed with|error) [1-5]\d\d\b")
 
 
+def plain_line(text: str) -> str:
+    """One line of ``text`` without a server's raw answer: cut at the first JSON/XML/URL/status
+    fragment, at most 120 characters."""
+    line = " ".join(text.split())
+    cut = _TECHNICAL.search(line)
+    if cut:
+        line = line[: cut.start()].rstrip(" :;,(")
+    if len(line) > 120:
+        line = line[:119].rstrip() + "…"
+    return line or "input could not be read"
+
+
 def plain_reason(missing: Missing) -> str:
     """One plain line for what could not be used: never a server's raw answer."""
     reason = " ".join(missing.reason.split())
@@ -143,9 +155,5 @@ def plain_reason(missing: Missing) -> str:
             return words
     rejected = re.match(r"image \S+ rejected: (.*)", reason)
     if rejected:  # the quality gate's reasons are already written for a clinician
-        return f"image not used: {rejected.group(1)}"
-    if _TECHNICAL.search(reason) or len(reason) > 120:
-        cut = _TECHNICAL.search(reason)
-        head = reason[: cut.start()].rstrip(" :;,(") if cut else reason[:100]
-        return head or "input could not be read"
-    return reason
+        return plain_line(f"image not used: {rejected.group(1)}")
+    return plain_line(reason)

@@ -27,6 +27,7 @@ from mmcds.records import (
     Patient,
     PatientRecord,
 )
+from mmcds.service.cards import unavailable_card
 
 
 @pytest.mark.parametrize(
@@ -126,6 +127,15 @@ def test_upstream_errors_are_one_plain_line() -> None:
     assert "{" not in line and "\n" not in line and line.startswith("DocumentReference/d1")
     kept = "only the first 20 notes were read (MMCDS_MAX_NOTES)"
     assert plain_reason(Missing("text", kept)) == kept
+    down = (
+        'FHIR GET http://127.0.0.1:1/fhir/R4/Patient/p1 failed with 404: {"resourceType": '
+        '"OperationOutcome", "issue": [{"severity": "error"}]}'
+    )
+    card = unavailable_card(down, "http://x/model-card")
+    assert card["detail"].startswith(
+        "The decision-support service could not analyse this patient: FHIR GET."
+    )
+    assert "{" not in card["detail"] and "OperationOutcome" not in card["detail"]
 
 
 def _flagged_analysis(missing: list[Missing]) -> Analysis:
