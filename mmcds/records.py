@@ -214,12 +214,20 @@ class ImageSaliency:
     overlay_png: bytes | None = None
 
 
+#: Which way a piece of evidence moved a finding's score (the sign of its attribution).
+Direction = Literal["supports", "argues_against"]
+#: What a note sentence asserts about what it names (``mmcds.explain.assertion``).
+Assertion = Literal["affirmed", "negated", "uncertain", "historical", "family"]
+
+
 @dataclass(frozen=True)
 class EvidenceSpan:
     """A piece of a source note: ``note.text[start:end] == text`` for the note ``note_ref``.
 
     ``score`` is how much the finding's logit falls when the span is removed (positive:
-    the span supports the finding).
+    the span supports the finding); ``direction`` says the same in words. ``assertion`` is what
+    the sentence asserts: "No acute airspace disease." is ``negated`` whichever way it moved the
+    score, and the card says both.
     """
 
     finding: str
@@ -229,6 +237,8 @@ class EvidenceSpan:
     end: int
     text: str
     score: float
+    direction: Direction = "supports"
+    assertion: Assertion = "affirmed"
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,12 @@ probability: a finding is never called "high probability" beside a likelier one 
 "possible"; its critical alert is then said in words instead ("critical alert: above its
 high-specificity point").
 
+Evidence says which way it points ("supports" / "argues against", from the sign of its
+attribution) and what a quoted sentence asserts ("(negated)", "(uncertain)", "(historical)",
+"(family)"); labs say their value in clinical units, whether it is high, low or normal, and
+which way it moved the probability, in percentage points ("pp", defined on the card;
+``mmcds.explain.wording``). Upstream failures are one plain line, never a server's answer.
+
 Findings that may not be acted on (not validated, insufficient inputs, or inputs outside what
 the model was validated on) are never flagged; the summary lists them with the reason.
 """
@@ -28,8 +34,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mmcds.explain.wording import PP_DEFINITION, evidence_phrase, lab_phrase, plain_reason, pp
 from mmcds.findings import BY_NAME
-from mmcds.records import Analysis, Explanation, FindingScore, ImageSaliency, LabContribution, Level
+from mmcds.records import Analysis, EvidenceSpan, Explanation, FindingScore, ImageSaliency, Level
 
 LINE_LIMIT = 140
 MODALITY_WORDS = {"image": "imaging", "text": "notes", "labs": "labs"}
@@ -43,11 +50,6 @@ UNTRAINED = "UNTRAINED model: its scores are random and carry no clinical meanin
 
 _RANK = {Level.info: 0, Level.warning: 1, Level.critical: 2}
 _WORDS = ("low probability", "possible", "high probability")
-
-
-def _points(probability_change: float) -> str:
-    """A probability change in percentage points, signed; never "-0" for a tiny negative."""
-    return f"{round(probability_change * 100):+d}"
 
 
 def probability_words(score: FindingScore) -> str:
@@ -94,7 +96,7 @@ class Evidence:
             ("Image", self.image),
             ("Notes", self.text),
             ("Labs", self.labs),
-            ("Weight by input (points)", self.weights),
+            ("Contribution by input", self.weights),
         )
         return [(label, value) for label, value in rows if value]
 
@@ -104,12 +106,13 @@ def _quote(text: str, limit: int = 90) -> str:
     return f"“{flat if len(flat) <= limit else flat[: limit - 1] + '…'}”"
 
 
-def _lab_phrase(c: LabContribution) -> str:
-    unit = c.unit or ""
-    shown = f"{c.value:.3g} {unit}".strip() if c.value is not None else "not measured"
-    lo, hi = c.ref_low, c.ref_high
-    ref = f" (ref {lo:.3g}–{hi:.3g})" if lo is not None and hi is not None else ""
-    return f"{c.lab} {shown}{ref} {_points(c.contribution)} points"
+def _text_phrase(spans: Sequence[EvidenceSpan]) -> str | None:
+    """The strongest supporting sentence and the strongest one against, each with its status."""
+    picks = [
+        next((e for e in spans if e.direction == way), None)
+        for way in ("supports", "argues_against")
+    ]
+    return "; ".join(evidence_phrase(e, _quote(e.text)) for e in picks if e) or None
 
 
 def _peak_in_top_box(inner: ImageSaliency, outer: ImageSaliency) -> bool:
@@ -165,18 +168,18 @@ def evidence_for(
         if shared:
             names = " and ".join(BY_NAME[f].display.lower() for f in shared)
             image += f", the same region as the {names} evidence"
-    spans = [e for e in explanation.evidence if e.finding == finding]
-    text = _quote(spans[0].text) if spans else None
+    text = _text_phrase([e for e in explanation.evidence if e.finding == finding])
+    # the labs that moved it most, either way: a normal value that lowers it is evidence too
     labs = sorted(
-        (c for c in explanation.labs if c.finding == finding and c.contribution >= 0.005),
-        key=lambda c: -c.contribution,
+        (c for c in explanation.labs if c.finding == finding and abs(c.contribution) >= 0.005),
+        key=lambda c: -abs(c.contribution),
     )
-    lab = "; ".join(_lab_phrase(c) for c in labs[:2]) or None
+    lab = "; ".join(lab_phrase(c) for c in labs[:2]) or None
     shap = next((m for m in explanation.modalities if m.finding == finding), None)
     weights = None
     if shap is not None:
         weights = ", ".join(
-            f"{MODALITY_WORDS[m]} {_points(v)}"
+            f"{MODALITY_WORDS[m]} {pp(v)}"
             for m, v in sorted(shap.values.items(), key=lambda kv: -abs(kv[1]))
         )
     return Evidence(image, text, lab, weights)
@@ -216,7 +219,7 @@ def _missing(analysis: Analysis) -> list[str]:
     lines = [
         f"no {MODALITY_WORDS[m]} available" for m in ("image", "text", "labs") if m not in used
     ]
-    grouped = Counter((m.modality, m.reason) for m in rec.missing)
+    grouped = Counter((m.modality, plain_reason(m)) for m in rec.missing)
     lines += [
         f"{MODALITY_WORDS.get(mod, mod)}: {reason}" + (f" (×{n})" if n > 1 else "")
         for (mod, reason), n in grouped.items()
@@ -270,11 +273,14 @@ def summary_markdown(analysis: Analysis, explanation: Explanation) -> str:
     words = card_words(flagged)
     if a.trained and not flagged:
         lines += ["No finding above its alert threshold.", ""]
-    for f, ev in _shown(analysis, explanation):
+    detailed = _shown(analysis, explanation)
+    for f, ev in detailed:
         shown = words[f.finding] if a.trained else "score"
         lines.append(f"**{BY_NAME[f.finding].display}**: {shown} ({_percent(f.probability)})")
         lines += [f"- {label}: {value}" for label, value in ev.rows()]
         lines.append("")
+    if any(ev.labs or ev.weights for _, ev in detailed):
+        lines += [f"_{PP_DEFINITION}_", ""]
     held = _held_lines(analysis) if a.trained else []
     if held:
         lines += ["**Not assessed** (never raises an alert):", *[f"- {h}" for h in held], ""]
@@ -304,7 +310,8 @@ def summary_html(analysis: Analysis, explanation: Explanation) -> str:
     words = card_words(flagged)
     if a.trained and not flagged:
         parts.append("<p>No finding above its alert threshold.</p>")
-    for f, ev in _shown(analysis, explanation):
+    detailed = _shown(analysis, explanation)
+    for f, ev in detailed:
         shown = words[f.finding] if a.trained else "score"
         parts.append(
             f"<h3>{esc(BY_NAME[f.finding].display)}: {esc(shown)} "
@@ -312,6 +319,8 @@ def summary_html(analysis: Analysis, explanation: Explanation) -> str:
         )
         parts += [f"<li><b>{esc(label)}:</b> {esc(value)}</li>" for label, value in ev.rows()]
         parts.append("</ul>")
+    if any(ev.labs or ev.weights for _, ev in detailed):
+        parts.append(f"<p><i>{esc(PP_DEFINITION)}</i></p>")
     held = _held_lines(analysis) if a.trained else []
     if held:
         parts.append("<h3>Not assessed (never raises an alert)</h3><ul>")

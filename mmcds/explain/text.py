@@ -13,7 +13,11 @@ every chunk, let alone Integrated Gradients through it, costs seconds):
    the ranking end to end (really deleting the spans from the notes and re-encoding).
 
 Offsets are character offsets into the source ``Note.text``: ``note.text[start:end] == text``.
-Section headers and the note's title line are not shown as evidence (``sections.is_label``).
+Both directions are kept: the spans whose deletion lowers the finding's score most
+(``supports``) and, fewer, those whose deletion raises it (``argues_against``). Each carries its
+assertion status (``assertion``: "No acute airspace disease." is ``negated``). Boilerplate --
+section headers, title lines, "LABS: reviewed.", allergies, attestation -- is never quoted
+(``boilerplate``).
 """
 
 from __future__ import annotations
@@ -26,15 +30,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mmcds.encoders.sections import is_label
 from mmcds.encoders.text import Chunk, TextEncoder
+from mmcds.explain.assertion import assertion
 from mmcds.explain.attribution import chunk_occlusion, logits, replaced_text_logits
+from mmcds.explain.boilerplate import is_boilerplate
 from mmcds.fusion.model import FusionBatch, FusionModel
 from mmcds.records import EvidenceSpan, Note
 
 TOP_CHUNKS = 3  # per finding, re-examined sentence by sentence
 MAX_REENCODED = 8  # chunks through the text encoder per patient, over all findings
-TOP_SPANS = 5  # evidence spans kept per finding
+TOP_SPANS = 5  # supporting evidence spans kept per finding
+TOP_AGAINST = 2  # and spans that argue against it
 
 # A sentence ends at . ; ! ? followed by white space, or at a line break (lists, headings).
 # "38.5" and "q.d." mid-token do not end one.
@@ -99,7 +105,8 @@ def evidence_spans(
     top_spans: int = TOP_SPANS,
 ) -> list[EvidenceSpan]:
     """Evidence per finding for the text tokens of ``batch`` (``spans`` as the pipeline wrote
-    them: ``<note_ref>#<start>-<end>``), best first, only spans that support the finding."""
+    them: ``<note_ref>#<start>-<end>``): per finding, the supporting spans best first, then the
+    spans that argue against it, strongest first."""
     n_tokens = int(batch.mask["text"][0].sum())
     if n_tokens == 0:
         return []
@@ -118,8 +125,11 @@ def evidence_spans(
         for pos in np.argsort(-drops[:, f])[:TOP_CHUNKS]:
             if drops[pos, f] > 0 and int(pos) not in chosen:
                 chosen.append(int(pos))
+        for pos in np.argsort(drops[:, f])[:1]:  # the chunk that argues against it most
+            if drops[pos, f] < 0 and int(pos) not in chosen:
+                chosen.append(int(pos))
     # the strongest chunks over all findings first, if the cap bites
-    chosen = sorted(chosen, key=lambda p: -float(drops[p].max()))[:MAX_REENCODED]
+    chosen = sorted(chosen, key=lambda p: -float(np.abs(drops[p]).max()))[:MAX_REENCODED]
     candidates: list[tuple[int, Sentence | None]] = []  # (token position, sentence or whole)
     replacements: list[tuple[int, np.ndarray]] = []
     split = {pos: sentences(chunks[pos].text) for pos in chosen}
@@ -150,30 +160,36 @@ def evidence_spans(
     out: list[EvidenceSpan] = []
     for f, name in enumerate(names):
         seen: set[tuple[str, int, int]] = set()  # overlapping chunks repeat a sentence
-        for c in np.argsort(-scores[:, f]):
-            if scores[c, f] <= 0 or len(seen) >= top_spans:
-                break
-            pos, picked = candidates[int(c)]
-            chunk = chunks[pos]
-            whole = split[pos][0] if split[pos] else Sentence(0, len(chunk.text))
-            a, b = (picked.start, picked.end) if picked else (whole.start, whole.end)
-            start, end = chunk.start + a, chunk.start + b
-            # never shown as evidence: a label's deletion moves the mean-pooled embedding, but
-            # "PHYSICAL EXAM:" tells a clinician nothing
-            if (chunk.note_ref, start, end) in seen or is_label(
-                chunk.text[a:b], first_line=start == 0
-            ):
-                continue
-            seen.add((chunk.note_ref, start, end))
-            out.append(
-                EvidenceSpan(
-                    name,
-                    chunk.note_ref,
-                    chunk.section,
-                    start,
-                    end,
-                    chunk.text[a:b],
-                    float(scores[c, f]),
+        for sign, limit in ((1.0, top_spans), (-1.0, TOP_AGAINST)):
+            kept = 0
+            for c in np.argsort(-sign * scores[:, f]):
+                if sign * scores[c, f] <= 0 or kept >= limit:
+                    break
+                pos, picked = candidates[int(c)]
+                chunk = chunks[pos]
+                whole = split[pos][0] if split[pos] else Sentence(0, len(chunk.text))
+                a, b = (picked.start, picked.end) if picked else (whole.start, whole.end)
+                start, end = chunk.start + a, chunk.start + b
+                quoted = chunk.text[a:b]
+                # never shown as evidence: a header's or a template's deletion moves the
+                # mean-pooled embedding, but "LABS: reviewed." tells a clinician nothing
+                if (chunk.note_ref, start, end) in seen or is_boilerplate(
+                    quoted, section=chunk.section, first_line=start == 0
+                ):
+                    continue
+                seen.add((chunk.note_ref, start, end))
+                kept += 1
+                out.append(
+                    EvidenceSpan(
+                        name,
+                        chunk.note_ref,
+                        chunk.section,
+                        start,
+                        end,
+                        quoted,
+                        float(scores[c, f]),
+                        direction="supports" if sign > 0 else "argues_against",
+                        assertion=assertion(quoted, name),
+                    )
                 )
-            )
     return out

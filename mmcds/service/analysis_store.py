@@ -141,6 +141,14 @@ def explanation_json(explanation: Explanation) -> dict[str, Any]:
     }
 
 
+def _evidence(data: dict[str, Any]) -> EvidenceSpan:
+    """An evidence span as stored; one stored before spans had a direction takes its score's
+    sign (its assertion was never computed, so it stays the default)."""
+    if "direction" not in data:
+        data = {**data, "direction": "supports" if data["score"] >= 0 else "argues_against"}
+    return EvidenceSpan(**data)
+
+
 def explanation_from_json(data: dict[str, Any], blobs: dict[str, bytes]) -> Explanation:
     if data.get("format") != FORMAT:
         raise ValueError(f"stored explanation has format {data.get('format')!r}, expected {FORMAT}")
@@ -157,7 +165,7 @@ def explanation_from_json(data: dict[str, Any], blobs: dict[str, bytes]) -> Expl
     return Explanation(
         analysis_id=data["analysis_id"],
         images=images,
-        evidence=[EvidenceSpan(**e) for e in data["evidence"]],
+        evidence=[_evidence(e) for e in data["evidence"]],
         labs=labs,
         modalities=[ModalityShapley(**m) for m in data["modalities"]],
         summary_line=data["summary_line"],

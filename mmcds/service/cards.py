@@ -12,6 +12,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+from mmcds.explain.wording import plain_line
 from mmcds.records import Analysis, Explanation
 from mmcds.service.outbox import Delivery
 
@@ -37,12 +38,14 @@ def analysis_card(
 
 
 def unavailable_card(reason: str, model_card_url: str) -> dict[str, Any]:
-    """The degraded answer when the patient's data cannot be read at all."""
+    """The degraded answer when the patient's data cannot be read at all; ``reason`` is said in
+    one plain line (the full error stays in the log)."""
     return {
         "uuid": str(uuid.uuid4()),
         "summary": "AI risk summary unavailable: patient data could not be retrieved",
         "indicator": "info",
-        "detail": f"The decision-support service could not analyse this patient: {reason}. "
+        "detail": "The decision-support service could not analyse this patient: "
+        f"{plain_line(reason)}. "
         "No assessment was made; nothing here should be read as a negative result.",
         "source": {"label": "mmcds", "url": model_card_url},
     }

@@ -22,7 +22,9 @@ from sqlalchemy import delete
 from mmcds.encoders.image import ImageEncoder
 from mmcds.encoders.labs import empty_lab_frame
 from mmcds.encoders.sections import is_label
+from mmcds.explain.assertion import assertion
 from mmcds.explain.attribution import logits
+from mmcds.explain.boilerplate import is_boilerplate
 from mmcds.explain.image import (
     CNN_METHOD,
     VIT_METHOD,
@@ -34,7 +36,7 @@ from mmcds.explain.image import (
     probe_geometry,
 )
 from mmcds.explain.stage import explain
-from mmcds.explain.summary import LINE_LIMIT, _points, evidence_for, summary_line, summary_markdown
+from mmcds.explain.summary import LINE_LIMIT, evidence_for, summary_line, summary_markdown
 from mmcds.fusion.model import batch_from_encodings
 from mmcds.fusion.pipeline import Pipeline
 from mmcds.records import (
@@ -45,6 +47,8 @@ from mmcds.records import (
     ImageSaliency,
     ModalityEncoding,
     Note,
+    Patient,
+    PatientRecord,
 )
 from mmcds.service.analysis_store import AnalysisStore
 from mmcds.settings import Settings
@@ -252,10 +256,36 @@ def test_evidence_offsets_return_the_quoted_text(
         notes = {n.reference: n.text for n in analysis.record.notes}
         for span in exp.evidence:
             assert notes[span.note_ref][span.start : span.end] == span.text
-            assert span.text.strip() == span.text and span.score > 0
+            assert span.text.strip() == span.text and span.score != 0
+            assert span.direction == ("supports" if span.score > 0 else "argues_against")
+            assert span.assertion == assertion(span.text, span.finding)
             assert not is_label(span.text, first_line=span.start == 0), span.text
+            assert not is_boilerplate(span.text, section=span.section), span.text
             seen += 1
     assert seen > 0
+
+
+def test_negated_evidence_is_labelled_and_boilerplate_never_quoted(pipeline: Pipeline) -> None:
+    # the note: a negated impression beside template lines and an attestation, so the
+    # impression is the one sentence left to quote for every finding, whichever way it points
+    text = (
+        "LABS: reviewed.\n"
+        "ALLERGIES: NKDA\n"
+        "IMPRESSION: No acute airspace disease.\n"
+        "ATTESTATION: I have personally seen and examined the patient.\n"
+    )
+    record = PatientRecord(Patient("p-neg"), notes=[Note(text, "DocumentReference/n1")])
+    analysis = pipeline.analyse(record)
+    exp = explain(pipeline, analysis, overlays=False)
+    quoted = {e.text for e in exp.evidence}
+    assert quoted, "no evidence at all"
+    assert not quoted & {"LABS: reviewed.", "ALLERGIES: NKDA"}
+    assert not any("personally" in q for q in quoted)
+    negated = [e for e in exp.evidence if "airspace disease" in e.text]
+    assert negated and all(e.assertion == "negated" for e in negated)
+    # whichever way the (untrained) model read it, the card says it is a negation
+    md = summary_markdown(analysis, exp)
+    assert "“IMPRESSION: No acute airspace disease.” (negated)" in md
 
 
 @pytest.mark.parametrize(
@@ -358,14 +388,10 @@ def test_summary_words_follow_the_operating_points(
     md = summary_markdown(trained, exp)
     assert "**Pneumonia**: high probability (91%)" in md
     assert "no labs available" in md and "preliminary" in md.lower() and "Limits" in md
-    assert "- Notes: “" in md and "- Weight by input (points):" in md
-    assert "-0" not in md.split("- Weight by input (points):")[1].splitlines()[0]
-    assert (_points(-0.001), _points(0.0), _points(0.126), _points(-0.3)) == (
-        "+0",
-        "+0",
-        "+13",
-        "-30",
-    )
+    assert "- Notes: supports: “" in md or "- Notes: argues against: “" in md
+    assert "- Contribution by input:" in md
+    assert "−0" not in md.split("- Contribution by input:")[1].splitlines()[0]
+    assert "pp = percentage points of probability" in md
 
 
 def _blob_map(
