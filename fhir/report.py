@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from fhir.resources.R4B.bundle import Bundle
-from mmcds.findings import BY_NAME
+from mmcds.findings import display, finding
 from mmcds.records import Analysis, Explanation, FindingScore
 
 REPORT_SYSTEM = "urn:mmcds:analysis"
@@ -74,9 +74,9 @@ def _conclusion(analysis: Analysis) -> str:
     a = analysis.assessment
     lines = [] if a.trained else ["UNTRAINED model: scores carry no clinical meaning."]
     lines += [
-        f"{BY_NAME[f.finding].display}: {f.probability:.2f} ({f.level})"
+        f"{display(f.finding)}: {f.probability:.2f} ({f.level})"
         if f.assessed
-        else f"{BY_NAME[f.finding].display}: not assessed ({f.reason or f.status})."
+        else f"{display(f.finding)}: not assessed ({f.reason or f.status})."
         for f in a.findings
     ]
     if analysis.record.missing:
@@ -92,7 +92,7 @@ def _media(analysis: Analysis, explanation: Explanation, issued: str) -> list[di
     for s in explanation.images:
         if s.overlay_png is None or not s.method.endswith("-cnn"):  # any CNN explainer version
             continue
-        title = f"AI saliency (preliminary): {BY_NAME[s.finding].display}, image {s.sop_uid}"
+        title = f"AI saliency (preliminary): {display(s.finding)}, image {s.sop_uid}"
         media.append(
             {
                 "resourceType": "Media",
@@ -156,15 +156,15 @@ def _device_entry(ctx: _Context) -> dict[str, Any]:
 
 
 def _observation(ctx: _Context, score: FindingScore) -> dict[str, Any]:
-    finding = BY_NAME[score.finding]
+    entry = finding(score.finding)
     observation: dict[str, Any] = {
         "resourceType": "Observation",
         "meta": _meta(),
         "status": "preliminary",
         "category": [{"coding": [{"system": OBSERVATION_CATEGORY, "code": "imaging"}]}],
         "code": {
-            "coding": [{"system": SNOMED, "code": finding.snomed, "display": finding.display}],
-            "text": f"AI probability of {finding.display.lower()}",
+            "coding": [{"system": SNOMED, "code": entry.snomed, "display": entry.display}],
+            "text": f"AI probability of {entry.display.lower()}",
         },
         "subject": ctx.subject,
         "effectiveDateTime": ctx.issued,

@@ -169,8 +169,25 @@ def train(
             "where the site has >= 50 validation patients)"
         ),
     ] = "bias_cv",
+    findings: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma list of labels-file columns to learn (default: cohort.json's findings, "
+            "else every finding column of labels.csv)"
+        ),
+    ] = None,
+    catalogue: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            dir_okay=False,
+            help="A site's finding catalogue (JSON, same shape as mmcds/data/findings.json) "
+            "adding findings; default MMCDS_FINDING_CATALOGUE",
+        ),
+    ] = None,
 ) -> None:
-    """Train, calibrate and save a fusion model (with fine-tuned image encoders) from DATA."""
+    """Train, calibrate and save a fusion model from DATA: whatever modalities it has (images,
+    notes, labs, any mix) and the findings its labels file names."""
     from mmcds.fusion.calibrate import Method, SiteRule
     from mmcds.fusion.pretrain import PretrainSettings
     from mmcds.fusion.train import TrainSettings
@@ -197,6 +214,8 @@ def train(
         cache_url=cache,
         site_calibration=rule,
         train_sites=sites or None,
+        findings=tuple(f.strip() for f in findings.split(",") if f.strip()) if findings else None,
+        finding_catalogue=str(catalogue) if catalogue else None,
     )
     train_cohort(data, out, get_settings(), options, echo=typer.echo)
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mmcds.findings import BY_NAME
+from mmcds.findings import display
 from mmcds.records import Analysis, Explanation, FindingScore, ImageSaliency, LabContribution, Level
 
 LINE_LIMIT = 140
@@ -163,7 +163,7 @@ def evidence_for(
         image = f"{vertical} {side} hemithorax region (box {x0},{y0}–{x1},{y1})"
         shared = shared_region(explanation, best, also_flagged)
         if shared:
-            names = " and ".join(BY_NAME[f].display.lower() for f in shared)
+            names = " and ".join(display(f).lower() for f in shared)
             image += f", the same region as the {names} evidence"
     spans = [e for e in explanation.evidence if e.finding == finding]
     text = _quote(spans[0].text) if spans else None
@@ -207,7 +207,7 @@ def _held_lines(analysis: Analysis) -> list[str]:
     """One line per distinct reason: which findings were not assessed, and why."""
     by_reason: dict[str, list[str]] = {}
     for f in _not_assessed(analysis):
-        by_reason.setdefault(f.reason or f.status, []).append(BY_NAME[f.finding].display)
+        by_reason.setdefault(f.reason or f.status, []).append(display(f.finding))
     return [f"{', '.join(names)}: {reason}" for reason, names in by_reason.items()]
 
 
@@ -238,7 +238,7 @@ def summary_line(analysis: Analysis) -> str:
         held = _not_assessed(analysis)
         if flagged:
             parts = [
-                f"{BY_NAME[f.finding].display} {_word(f, words)} ({_percent(f.probability)})"
+                f"{display(f.finding)} {_word(f, words)} ({_percent(f.probability)})"
                 for f in flagged[:3]
             ]
             text = "AI (preliminary): " + ", ".join(parts)
@@ -272,7 +272,7 @@ def summary_markdown(analysis: Analysis, explanation: Explanation) -> str:
         lines += ["No finding above its alert threshold.", ""]
     for f, ev in _shown(analysis, explanation):
         shown = words[f.finding] if a.trained else "score"
-        lines.append(f"**{BY_NAME[f.finding].display}**: {shown} ({_percent(f.probability)})")
+        lines.append(f"**{display(f.finding)}**: {shown} ({_percent(f.probability)})")
         lines += [f"- {label}: {value}" for label, value in ev.rows()]
         lines.append("")
     held = _held_lines(analysis) if a.trained else []
@@ -282,7 +282,7 @@ def summary_markdown(analysis: Analysis, explanation: Explanation) -> str:
     if others:
         lines.append(
             "Below threshold: "
-            + ", ".join(f"{BY_NAME[f.finding].display} {_percent(f.probability)}" for f in others)
+            + ", ".join(f"{display(f.finding)} {_percent(f.probability)}" for f in others)
             + "."
         )
         lines.append("")
@@ -307,8 +307,7 @@ def summary_html(analysis: Analysis, explanation: Explanation) -> str:
     for f, ev in _shown(analysis, explanation):
         shown = words[f.finding] if a.trained else "score"
         parts.append(
-            f"<h3>{esc(BY_NAME[f.finding].display)}: {esc(shown)} "
-            f"({esc(_percent(f.probability))})</h3><ul>"
+            f"<h3>{esc(display(f.finding))}: {esc(shown)} ({esc(_percent(f.probability))})</h3><ul>"
         )
         parts += [f"<li><b>{esc(label)}:</b> {esc(value)}</li>" for label, value in ev.rows()]
         parts.append("</ul>")
