@@ -17,7 +17,7 @@ from mmcds.encoders.image import ImageEncoder
 from mmcds.encoders.labs import LabEncoder
 from mmcds.encoders.text import TextEncoder
 from mmcds.encoders.tiny import build_tiny_cnn, build_tiny_vit
-from mmcds.findings import SYNTH_FINDINGS, resolve
+from mmcds.findings import SYNTH_FINDINGS, Finding, resolve
 from mmcds.fusion.gate import assess
 from mmcds.fusion.model import FusionConfig, FusionModel
 from mmcds.fusion.ood import OodDetector
@@ -176,12 +176,12 @@ def untrained_fusion(
     vit: ImageEncoder,
     text: TextEncoder,
     labs: LabEncoder,
-    findings: Sequence[str] | None = None,
+    findings: Sequence[Finding] | None = None,
 ) -> FusionModel:
     """A randomly initialised (seeded) fusion model wired to these encoders' widths, with
     ``findings`` (default: the synthetic cohort's) as its outputs."""
     image_dim = cnn.dim + vit.dim
-    entries = resolve(findings or SYNTH_FINDINGS)
+    entries = list(findings) if findings else resolve(SYNTH_FINDINGS)
     config = FusionConfig(
         findings=[f.name for f in entries],
         finding_entries={f.name: f.entry() for f in entries},

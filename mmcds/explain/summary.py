@@ -214,7 +214,9 @@ def _held_lines(analysis: Analysis) -> list[str]:
 def _missing(analysis: Analysis) -> list[str]:
     rec, used = analysis.record, set(analysis.assessment.modalities_used)
     lines = [
-        f"no {MODALITY_WORDS[m]} available" for m in ("image", "text", "labs") if m not in used
+        f"no {MODALITY_WORDS[m]} available"
+        for m in ("image", "text", "labs")
+        if m not in used and m not in analysis.assessment.unused_modalities
     ]
     grouped = Counter((m.modality, m.reason) for m in rec.missing)
     lines += [

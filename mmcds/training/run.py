@@ -236,7 +236,7 @@ def train_cohort(
         timings["quantize_s"] = time.perf_counter() - t_q
     text = TextEncoder.from_pretrained(settings.text_model or None)
     cache = EmbeddingCache(o.cache_url or settings.database_url)
-    pipe = Pipeline(cnn, vit, text, labs, untrained_fusion(cnn, vit, text, labs, names), cache)
+    pipe = Pipeline(cnn, vit, text, labs, untrained_fusion(cnn, vit, text, labs, entries), cache)
     encoded = encode_all(pipe, examples, o.progress)
     timings["encode_s"] = time.perf_counter() - t
 
