@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mmcds.findings import SYNTH_FINDINGS, register, resolve
+from mmcds.findings import SYNTH_FINDINGS, load_catalogue, register
 from mmcds.records import MODALITIES, Encodings
 
 CONFIG_NAME = "config.json"
@@ -85,7 +85,8 @@ class FusionConfig:
         data.setdefault("architecture", "summary-attention/1")  # before the field existed
         config = cls(**data)
         if not config.finding_entries:  # before the field existed: the shipped catalogue's
-            config.finding_entries = {f.name: f.entry() for f in resolve(config.findings)}
+            cat = load_catalogue()
+            config.finding_entries = {n: cat[n].entry() for n in config.findings if n in cat}
         register(config.finding_entries)
         return config
 

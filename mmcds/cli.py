@@ -221,6 +221,28 @@ def train(
 
 
 @app.command()
+def label(
+    reports: Annotated[Path, typer.Option(exists=True, file_okay=False, help="<key>.txt reports")],
+    labels: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="Site labels CSV")],
+    out: Annotated[Path, typer.Option(help="Cohort folder to write (for mmcds train)")],
+    uncertain: Annotated[
+        str, typer.Option(help="Uncertain (-1) labels: ignore (leave the patient out), zeros, ones")
+    ] = "ignore",
+    catalogue: Annotated[
+        Path | None, typer.Option(exists=True, dir_okay=False, help="Site finding catalogue")
+    ] = None,
+) -> None:
+    """Turn a folder of reports and a site's structured labels into a notes-only cohort."""
+    from mmcds.training.label import label_reports
+
+    if uncertain not in ("ignore", "zeros", "ones"):
+        raise typer.BadParameter("uncertain must be ignore, zeros or ones")
+    site = str(catalogue) if catalogue else get_settings().finding_catalogue or None
+    counts = label_reports(reports, labels, out, uncertain, site)  # type: ignore[arg-type]
+    typer.echo(f"wrote {out}: {counts}")
+
+
+@app.command()
 def calibrate(
     model: Annotated[Path, typer.Option(exists=True, file_okay=False, help="Model folder")],
     data: Annotated[
