@@ -93,7 +93,7 @@ def label_reports(
         (out / sub).mkdir(parents=True)
     rows = []
     for i in table.index[keep]:
-        key = table.at[i, "patient_key"]
+        key = str(table.at[i, "patient_key"])
         path = reports / f"{key}.txt"
         if not path.is_file():
             raise InputRejected(f"{labels_csv} names {key} but {path} does not exist")
