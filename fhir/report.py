@@ -20,7 +20,7 @@ from typing import Any
 
 from fhir.resources.R4B.bundle import Bundle
 from mmcds.fhir.bundle_limits import BundleLimits, fit_bundle, review_png
-from mmcds.findings import BY_NAME
+from mmcds.findings import display, finding
 from mmcds.records import Analysis, Explanation, FindingScore
 
 REPORT_SYSTEM = "urn:mmcds:analysis"
@@ -74,9 +74,9 @@ def _conclusion(analysis: Analysis) -> str:
     a = analysis.assessment
     lines = [] if a.trained else ["UNTRAINED model: scores carry no clinical meaning."]
     lines += [
-        f"{BY_NAME[f.finding].display}: {f.probability:.2f} ({f.level})"
+        f"{display(f.finding)}: {f.probability:.2f} ({f.level})"
         if f.assessed
-        else f"{BY_NAME[f.finding].display}: not assessed ({f.reason or f.status})."
+        else f"{display(f.finding)}: not assessed ({f.reason or f.status})."
         for f in a.findings
     ]
     if analysis.record.missing:
@@ -122,7 +122,7 @@ def _overlay_entries(ctx: _Context, explanation: Explanation) -> tuple[list[Any]
             "securityContext": {"reference": ctx.report_urn},
             "data": base64.b64encode(png).decode(),
         }
-        title = f"AI saliency (preliminary): {BY_NAME[finding].display}, image {sop_uid}"
+        title = f"AI saliency (preliminary): {display(finding)}, image {sop_uid}"
         overlay_id = f"{ctx.analysis.identifier}:{finding}:{sop_uid}"
         media = {
             "resourceType": "Media",
@@ -181,7 +181,7 @@ def _device_entry(ctx: _Context) -> dict[str, Any]:
 
 
 def _observation(ctx: _Context, score: FindingScore) -> dict[str, Any]:
-    finding = BY_NAME[score.finding]
+    entry = finding(score.finding)
     observation: dict[str, Any] = {
         "resourceType": "Observation",
         "meta": _meta(),
@@ -191,8 +191,8 @@ def _observation(ctx: _Context, score: FindingScore) -> dict[str, Any]:
         "status": "preliminary",
         "category": [{"coding": [{"system": OBSERVATION_CATEGORY, "code": "imaging"}]}],
         "code": {
-            "coding": [{"system": SNOMED, "code": finding.snomed, "display": finding.display}],
-            "text": f"AI probability of {finding.display.lower()}",
+            "coding": [{"system": SNOMED, "code": entry.snomed, "display": entry.display}],
+            "text": f"AI probability of {entry.display.lower()}",
         },
         "subject": ctx.subject,
         "effectiveDateTime": ctx.issued,

@@ -39,7 +39,7 @@ def assess(
     config = model.config
     model.check_encoders(encodings)
     validated = {k: SubsetValidation.from_json(v) for k, v in config.subsets.items()}
-    known = _full_subset(validated) or set(config.input_dims)
+    known = set(config.modalities) or _full_subset(validated) or set(config.input_dims)
     present = set(encodings.present)
     used = mask(encodings, known)
     key = subset_key(sorted(present & known))

@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mmcds.findings import FINDING_NAMES
+from mmcds.findings import SYNTH_FINDINGS, load_catalogue, register
 from mmcds.records import MODALITIES, Encodings
 
 CONFIG_NAME = "config.json"
@@ -40,7 +40,13 @@ ARCHITECTURE = "summary-attention+modality-heads/2"
 
 @dataclass
 class FusionConfig:
-    findings: list[str] = field(default_factory=lambda: list(FINDING_NAMES))
+    findings: list[str] = field(default_factory=lambda: list(SYNTH_FINDINGS))
+    # The catalogue entries (display, SNOMED CT) of ``findings`` the model was trained with, so
+    # a site's own finding is worded and coded the same wherever the model is served.
+    finding_entries: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # The modalities the training cohort had (what the model learned and was validated on);
+    # empty (an older model): those of ``input_dims``.
+    modalities: list[str] = field(default_factory=list)
     input_dims: dict[str, int] = field(
         default_factory=lambda: {"image": 64, "text": 384, "labs": 9}
     )
@@ -77,7 +83,12 @@ class FusionConfig:
     def load(cls, path: Path) -> FusionConfig:
         data = json.loads((path / CONFIG_NAME).read_text())
         data.setdefault("architecture", "summary-attention/1")  # before the field existed
-        return cls(**data)
+        config = cls(**data)
+        if not config.finding_entries:  # before the field existed: the shipped catalogue's
+            cat = load_catalogue()
+            config.finding_entries = {n: cat[n].entry() for n in config.findings if n in cat}
+        register(config.finding_entries)
+        return config
 
 
 @dataclass

@@ -7,7 +7,7 @@ Encoding is the expensive stage (DESIGN §3), so every embedding goes through th
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +17,7 @@ from mmcds.encoders.image import ImageEncoder
 from mmcds.encoders.labs import LabEncoder
 from mmcds.encoders.text import TextEncoder
 from mmcds.encoders.tiny import build_tiny_cnn, build_tiny_vit
+from mmcds.findings import SYNTH_FINDINGS, Finding, resolve
 from mmcds.fusion.gate import assess
 from mmcds.fusion.model import FusionConfig, FusionModel
 from mmcds.fusion.ood import OodDetector
@@ -171,11 +172,19 @@ def _ensure(path: Path, build: Callable[[Path], Path]) -> Path:
 
 
 def untrained_fusion(
-    cnn: ImageEncoder, vit: ImageEncoder, text: TextEncoder, labs: LabEncoder
+    cnn: ImageEncoder,
+    vit: ImageEncoder,
+    text: TextEncoder,
+    labs: LabEncoder,
+    findings: Sequence[Finding] | None = None,
 ) -> FusionModel:
-    """A randomly initialised (seeded) fusion model wired to these encoders' widths."""
+    """A randomly initialised (seeded) fusion model wired to these encoders' widths, with
+    ``findings`` (default: the synthetic cohort's) as its outputs."""
     image_dim = cnn.dim + vit.dim
+    entries = list(findings) if findings else resolve(SYNTH_FINDINGS)
     config = FusionConfig(
+        findings=[f.name for f in entries],
+        finding_entries={f.name: f.entry() for f in entries},
         input_dims={"image": image_dim, "text": text.dim, "labs": labs.token_dim},
         encoder_ids={
             "image": f"{cnn.model_id}+{vit.model_id}",

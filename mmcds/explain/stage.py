@@ -21,7 +21,7 @@ from mmcds.explain.image import image_saliency
 from mmcds.explain.overlay import overlay_png
 from mmcds.explain.summary import summary_html, summary_line, summary_markdown
 from mmcds.explain.text import evidence_spans
-from mmcds.findings import BY_NAME
+from mmcds.findings import display
 from mmcds.fusion.model import FusionBatch, batch_from_encodings
 from mmcds.fusion.pipeline import Pipeline
 from mmcds.records import (
@@ -115,7 +115,7 @@ def explain_images(
     if overlays:
         by_uid = {im.sop_uid: im for im in images}
         for s in maps:
-            title = f"{BY_NAME[s.finding].display} - {s.method}"
+            title = f"{display(s.finding)} - {s.method}"
             s.overlay_png = overlay_png(by_uid[s.sop_uid].pixels, s.heatmap, s.boxes, title)
     return maps
 

@@ -35,8 +35,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from mmcds.explain.wording import PP_DEFINITION, evidence_phrase, lab_phrase, plain_reason, pp
-from mmcds.findings import BY_NAME
-from mmcds.records import Analysis, EvidenceSpan, Explanation, FindingScore, ImageSaliency, Level
+from mmcds.findings import display
+from mmcds.records import (
+    Analysis,
+    EvidenceSpan,
+    Explanation,
+    FindingScore,
+    ImageSaliency,
+    LabContribution,
+    Level,
+)
 
 LINE_LIMIT = 140
 MODALITY_WORDS = {"image": "imaging", "text": "notes", "labs": "labs"}
@@ -166,7 +174,7 @@ def evidence_for(
         image = f"{vertical} {side} hemithorax region (box {x0},{y0}–{x1},{y1})"
         shared = shared_region(explanation, best, also_flagged)
         if shared:
-            names = " and ".join(BY_NAME[f].display.lower() for f in shared)
+            names = " and ".join(display(f).lower() for f in shared)
             image += f", the same region as the {names} evidence"
     text = _text_phrase([e for e in explanation.evidence if e.finding == finding])
     # the labs that moved it most, either way: a normal value that lowers it is evidence too
@@ -210,14 +218,16 @@ def _held_lines(analysis: Analysis) -> list[str]:
     """One line per distinct reason: which findings were not assessed, and why."""
     by_reason: dict[str, list[str]] = {}
     for f in _not_assessed(analysis):
-        by_reason.setdefault(f.reason or f.status, []).append(BY_NAME[f.finding].display)
+        by_reason.setdefault(f.reason or f.status, []).append(display(f.finding))
     return [f"{', '.join(names)}: {reason}" for reason, names in by_reason.items()]
 
 
 def _missing(analysis: Analysis) -> list[str]:
     rec, used = analysis.record, set(analysis.assessment.modalities_used)
     lines = [
-        f"no {MODALITY_WORDS[m]} available" for m in ("image", "text", "labs") if m not in used
+        f"no {MODALITY_WORDS[m]} available"
+        for m in ("image", "text", "labs")
+        if m not in used and m not in analysis.assessment.unused_modalities
     ]
     grouped = Counter((m.modality, plain_reason(m)) for m in rec.missing)
     lines += [
@@ -241,7 +251,7 @@ def summary_line(analysis: Analysis) -> str:
         held = _not_assessed(analysis)
         if flagged:
             parts = [
-                f"{BY_NAME[f.finding].display} {_word(f, words)} ({_percent(f.probability)})"
+                f"{display(f.finding)} {_word(f, words)} ({_percent(f.probability)})"
                 for f in flagged[:3]
             ]
             text = "AI (preliminary): " + ", ".join(parts)
@@ -276,7 +286,7 @@ def summary_markdown(analysis: Analysis, explanation: Explanation) -> str:
     detailed = _shown(analysis, explanation)
     for f, ev in detailed:
         shown = words[f.finding] if a.trained else "score"
-        lines.append(f"**{BY_NAME[f.finding].display}**: {shown} ({_percent(f.probability)})")
+        lines.append(f"**{display(f.finding)}**: {shown} ({_percent(f.probability)})")
         lines += [f"- {label}: {value}" for label, value in ev.rows()]
         lines.append("")
     if any(ev.labs or ev.weights for _, ev in detailed):
@@ -288,7 +298,7 @@ def summary_markdown(analysis: Analysis, explanation: Explanation) -> str:
     if others:
         lines.append(
             "Below threshold: "
-            + ", ".join(f"{BY_NAME[f.finding].display} {_percent(f.probability)}" for f in others)
+            + ", ".join(f"{display(f.finding)} {_percent(f.probability)}" for f in others)
             + "."
         )
         lines.append("")
@@ -314,8 +324,7 @@ def summary_html(analysis: Analysis, explanation: Explanation) -> str:
     for f, ev in detailed:
         shown = words[f.finding] if a.trained else "score"
         parts.append(
-            f"<h3>{esc(BY_NAME[f.finding].display)}: {esc(shown)} "
-            f"({esc(_percent(f.probability))})</h3><ul>"
+            f"<h3>{esc(display(f.finding))}: {esc(shown)} ({esc(_percent(f.probability))})</h3><ul>"
         )
         parts += [f"<li><b>{esc(label)}:</b> {esc(value)}</li>" for label, value in ev.rows()]
         parts.append("</ul>")

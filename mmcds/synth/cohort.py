@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from mmcds.findings import FINDING_NAMES
+from mmcds.findings import SYNTH_FINDINGS
 from mmcds.synth import anatomy, image
 from mmcds.synth.fhir import StudyRef, build_bundle
 from mmcds.synth.ids import accession, dicom_uid
@@ -86,9 +86,9 @@ def noisy_labels(p: LatentPatient, noise: float, rng: np.random.Generator) -> di
     A present finding is flipped with chance ``noise * (1.5 - visibility)``, an absent one with
     ``noise / 2``. The draws happen whatever ``noise`` is, so the cohort does not depend on it.
     """
-    u = rng.random(len(FINDING_NAMES))
+    u = rng.random(len(SYNTH_FINDINGS))
     out: dict[str, int] = {}
-    for f, r in zip(FINDING_NAMES, u, strict=True):
+    for f, r in zip(SYNTH_FINDINGS, u, strict=True):
         truth = p.findings[f]
         flip = noise * (1.5 - p.image_visibility[f]) if truth else noise / 2
         out[f] = int(truth != (r < flip))
@@ -139,13 +139,13 @@ def _one_patient(out: Path, seed: int, index: int, site_name: str, noise: float)
     }
     row.update(noisy)
     row["no_finding"] = int(not any(noisy.values()))
-    row.update({f"true_{f}": int(p.findings[f]) for f in FINDING_NAMES})
+    row.update({f"true_{f}": int(p.findings[f]) for f in SYNTH_FINDINGS})
     row["true_no_finding"] = int(p.none)
     row["study_uid"] = uids.study
     row["sop_uids"] = [uids.sop]
     row["view"] = view
-    row.update({f"mask_{f}": mask_paths.get(f, "") for f in FINDING_NAMES})
-    row["mask_paths"] = [mask_paths[f] for f in FINDING_NAMES if f in mask_paths]
+    row.update({f"mask_{f}": mask_paths.get(f, "") for f in SYNTH_FINDINGS})
+    row["mask_paths"] = [mask_paths[f] for f in SYNTH_FINDINGS if f in mask_paths]
     row["evidence"] = {  # how each finding shows in each modality (for analysis, not training)
         f: {
             "severity": round(p.severity[f], 4),
@@ -153,7 +153,7 @@ def _one_patient(out: Path, seed: int, index: int, site_name: str, noise: float)
             "text": p.text_expressed[f],
             "labs": p.lab_expressed[f],
         }
-        for f in FINDING_NAMES
+        for f in SYNTH_FINDINGS
         if p.findings[f]
     }
     row["comorbid"] = [c for c, v in p.comorbid.items() if v]
@@ -208,14 +208,14 @@ def generate_cohort(
         counts[f"site_{s}"] = len(mine)
         prevalence[s] = {
             f: round(sum(r[f"true_{f}"] for r in mine) / max(len(mine), 1), 4)
-            for f in (*FINDING_NAMES, "no_finding")
+            for f in (*SYNTH_FINDINGS, "no_finding")
         }
     summary = CohortSummary(out, seed, patients, sites, label_noise, counts, prevalence)
     meta = {
         "generator": GENERATOR_VERSION,
         "seed": seed,
         "args": {"patients": patients, "seed": seed, "sites": sites, "label_noise": label_noise},
-        "findings": list(FINDING_NAMES),
+        "findings": list(SYNTH_FINDINGS),
         "counts": counts,
         "prevalence": prevalence,
     }

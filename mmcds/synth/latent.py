@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 
 import numpy as np
 
-from mmcds.findings import FINDING_NAMES
+from mmcds.findings import SYNTH_FINDINGS
 from mmcds.synth.sites import SiteProfile
 
 AGE_BANDS = ((18, 39, "18-39"), (40, 64, "40-64"), (65, 79, "65-79"), (80, 200, "80+"))
@@ -123,14 +123,14 @@ def sample_patient(
         "pleural_effusion": bool(eff),
         "pneumothorax": bool(ptx),
     }
-    assert tuple(findings) == FINDING_NAMES, "latent model out of step with mmcds.findings"
+    assert tuple(findings) == SYNTH_FINDINGS, "latent model out of step with mmcds.findings"
 
     severity: dict[str, float] = {}
     visibility: dict[str, float] = {}
     text: dict[str, bool] = {}
     labs: dict[str, bool] = {}
     side: dict[str, str] = {}
-    for f in FINDING_NAMES:
+    for f in SYNTH_FINDINGS:
         # draw every variable for every finding, present or not, so the random stream (and
         # hence every other patient attribute) does not shift when one label flips
         sev = float(rng.uniform(0.2, 1.0))

@@ -34,7 +34,7 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from mmcds.encoders.catalogue import BY_LOINC, LABS, to_canonical
-from mmcds.findings import FINDING_NAMES
+from mmcds.findings import SYNTH_FINDINGS
 
 MODALITIES = ("labs", "text", "image")
 LAB_STATS = ("first", "max", "min", "last")
@@ -121,8 +121,8 @@ def load_cohort(out: Path, image_size: int = 32) -> CohortData:
     return CohortData(
         keys=[r["patient_key"] for r in rows],
         sites=np.array([r["site"] for r in rows]),
-        noisy={f: np.array([r[f] for r in rows]) for f in FINDING_NAMES},
-        truth={f: np.array([r[f"true_{f}"] for r in rows]) for f in FINDING_NAMES},
+        noisy={f: np.array([r[f] for r in rows]) for f in SYNTH_FINDINGS},
+        truth={f: np.array([r[f"true_{f}"] for r in rows]) for f in SYNTH_FINDINGS},
         labs=np.vstack(labs),
         texts=texts,
         pixels=np.vstack(pixels),
@@ -168,7 +168,7 @@ def evaluate(d: CohortData, seed: int = 0) -> ReferenceResult:
     strat = np.array([d.sites[i] + str(d.truth["pneumonia"][i]) for i in range(n)])
     train, test = train_test_split(np.arange(n), test_size=0.5, random_state=seed, stratify=strat)
     result = ReferenceResult(auroc={}, n_train=len(train), n_test=len(test))
-    for f in FINDING_NAMES:
+    for f in SYNTH_FINDINGS:
         y_tr, y_te = d.noisy[f][train], d.truth[f][test]
         folds = StratifiedKFold(5, shuffle=True, random_state=seed)
         oof, held = [], []
@@ -200,7 +200,7 @@ def site_shift(
     b = np.flatnonzero(d.sites == test_site)
     a_tr, a_te = train_test_split(a, test_size=0.5, random_state=seed)
     out: dict[str, dict[str, float]] = {}
-    for f in FINDING_NAMES:
+    for f in SYNTH_FINDINGS:
         model = _model("image").fit(d.pixels[a_tr], d.noisy[f][a_tr])
         out[f] = {
             f"{train_site}->{train_site}": _auc(

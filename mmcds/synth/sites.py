@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
-from mmcds.findings import FINDING_NAMES
+from mmcds.findings import SYNTH_FINDINGS
 
 
 @dataclass(frozen=True)
@@ -135,7 +135,7 @@ def site_profile(name: str) -> SiteProfile:
     # deterministic variation from the name itself, so a site D is the same in every run
     h = hashlib.sha256(name.encode()).digest()
     base = SITES["ABC"[h[0] % 3]]
-    prev = {f: round(0.06 + 0.3 * h[1 + i] / 255, 3) for i, f in enumerate(FINDING_NAMES)}
+    prev = {f: round(0.06 + 0.3 * h[1 + i] / 255, 3) for i, f in enumerate(SYNTH_FINDINGS)}
     return SiteProfile(
         name=name,
         institution=f"Site {name}",

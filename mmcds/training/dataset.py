@@ -17,13 +17,46 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from mmcds.errors import InputRejected
 from mmcds.fhir.bundle_source import BundleFhir, LocalDicom
 from mmcds.fhir.gather import gather_patient
-from mmcds.findings import FINDING_NAMES
+from mmcds.findings import SYNTH_FINDINGS, Finding, resolve
 from mmcds.fusion.data import EncodedSet
 from mmcds.records import Encodings, PatientRecord
 
 PATIENT_SYSTEM = "urn:mmcds:synth:patient"
+#: Labels-file columns that describe the patient, not a finding.
+META_COLUMNS = frozenset(
+    {"patient_key", "site", "sex", "age", "age_band", "study_uid", "sop_uids", "view"}
+)
+#: Column prefixes of analysis-only values (the synthetic cohort's truths and mask paths).
+META_PREFIXES = ("true_", "mask_")
+
+
+def cohort_findings(
+    folder: Path, chosen: Sequence[str] | None = None, site_catalogue: Path | str | None = None
+) -> list[Finding]:
+    """The findings a model trained on ``folder`` learns: ``chosen`` if given, else those the
+    cohort's ``cohort.json`` names (the synthetic cohort's four), else every finding column of
+    ``labels.csv``. A column that is neither a patient column nor in the finding catalogue is an
+    error naming the catalogue (a site adds its findings with its own catalogue file)."""
+    columns = list(pd.read_csv(folder / "labels.csv", nrows=0).columns)
+    if chosen:
+        names = list(chosen)
+        absent = [n for n in names if n not in columns]
+        if absent:
+            raise InputRejected(f"{folder / 'labels.csv'} has no column for {absent}")
+    else:
+        meta = folder / "cohort.json"
+        listed = json.loads(meta.read_text()).get("findings") if meta.is_file() else None
+        names = (
+            list(listed)
+            if listed
+            else [c for c in columns if c not in META_COLUMNS and not c.startswith(META_PREFIXES)]
+        )
+    if not names:
+        raise InputRejected(f"{folder / 'labels.csv'} has no finding column")
+    return resolve(names, site_catalogue)
 
 
 @dataclass
@@ -52,7 +85,9 @@ def record_from_bundle(bundle: dict[str, Any], dicom: LocalDicom) -> PatientReco
     return gather_patient(source, dicom, _patient_key(source.patient))
 
 
-def iter_examples(folder: Path, limit: int | None = None) -> Iterator[Example]:
+def iter_examples(
+    folder: Path, limit: int | None = None, findings: Sequence[str] = SYNTH_FINDINGS
+) -> Iterator[Example]:
     """Examples in label-file order; patients without a bundle are an error, not a skip."""
     labels = pd.read_csv(folder / "labels.csv", dtype={"patient_key": str})
     dicom = LocalDicom.from_folder(folder)
@@ -64,7 +99,7 @@ def iter_examples(folder: Path, limit: int | None = None) -> Iterator[Example]:
             raise FileNotFoundError(f"labels.csv names {key} but {bundle_path} does not exist")
         record = record_from_bundle(json.loads(bundle_path.read_text()), dicom)
         masks = {}
-        for finding in FINDING_NAMES:
+        for finding in findings:
             for img in record.images:
                 mask = folder / "masks" / key / f"{img.sop_uid}_{finding}.png"
                 if mask.is_file():
@@ -72,7 +107,7 @@ def iter_examples(folder: Path, limit: int | None = None) -> Iterator[Example]:
         yield Example(
             key=key,
             record=record,
-            labels={f: int(data[f]) for f in FINDING_NAMES if f in data},
+            labels={f: int(data[f]) for f in findings if f in data},
             site=str(data.get("site")) if data.get("site") is not None else None,
             sex=str(data.get("sex")) if data.get("sex") is not None else None,
             age_band=str(data.get("age_band")) if data.get("age_band") is not None else None,

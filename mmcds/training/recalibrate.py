@@ -65,7 +65,11 @@ def recalibrate_cohort(
     model = FusionModel.from_pretrained(model_dir)
     pipe = model_pipeline(model_dir, settings, cache_url)
     seen = seen_patients(model)
-    examples = [ex for ex in load_examples(data, None, progress) if ex.key not in seen]
+    examples = [
+        ex
+        for ex in load_examples(data, None, progress, model.config.findings)
+        if ex.key not in seen
+    ]
     if not examples:
         raise ValueError(
             f"every patient in {data} was part of this model's training cohort: calibrate on "

@@ -24,7 +24,6 @@ from mmcds.encoders.image import ImageEncoder
 from mmcds.encoders.labs import LabEncoder
 from mmcds.encoders.text import Chunk, TextEncoder
 from mmcds.encoders.tiny import build_tiny_cnn, build_tiny_vit
-from mmcds.findings import FINDING_NAMES
 from mmcds.fusion.calibrate import Method, SiteRule, fit_calibration, operating_points
 from mmcds.fusion.data import (
     EncodedSet,
@@ -44,7 +43,7 @@ from mmcds.records import MODALITIES, Modality, content_hash
 from mmcds.settings import Settings
 from mmcds.store import EmbeddingCache
 from mmcds.training.alarms import alarm_lines, alarm_report
-from mmcds.training.dataset import Example, encode_examples, iter_examples
+from mmcds.training.dataset import Example, cohort_findings, encode_examples, iter_examples
 
 log = logging.getLogger(__name__)
 Echo = Callable[[str], None]
@@ -67,16 +66,23 @@ class TrainOptions:
     warning_sensitivity: float = 0.95
     critical_specificity: float = 0.95
     limit: int | None = None  # first N patients of the labels file (quick runs)
+    # The findings to learn (labels-file columns); None: cohort.json's, else every finding column
+    findings: tuple[str, ...] | None = None
+    finding_catalogue: str | None = None  # a site's catalogue file adding findings
     cache_url: str | None = None  # default: settings.database_url
     progress: bool = True
 
 
-def load_examples(data: Path, limit: int | None, progress: bool) -> list[Example]:
+def load_examples(
+    data: Path, limit: int | None, progress: bool, findings: Sequence[str]
+) -> list[Example]:
     n = limit
     if n is None:
         with (data / "labels.csv").open() as fh:
             n = max(0, sum(1 for _ in fh) - 1)
-    return list(tqdm(iter_examples(data, limit), total=n, desc="read", disable=not progress))
+    return list(
+        tqdm(iter_examples(data, limit, findings), total=n, desc="read", disable=not progress)
+    )
 
 
 def data_hash(ds: EncodedSet) -> str:
@@ -157,7 +163,7 @@ def encode_all(pipe: Pipeline, examples: list[Example], progress: bool) -> Encod
     prefetch_images(pipe, examples, progress)
     prefetch_text(pipe, examples, progress)
     bar = tqdm(examples, desc="encode", disable=not progress)
-    return encode_examples(bar, lambda ex: pipe.encode(ex.record), FINDING_NAMES)
+    return encode_examples(bar, lambda ex: pipe.encode(ex.record), pipe.fusion.config.findings)
 
 
 def train_cohort(
@@ -171,7 +177,9 @@ def train_cohort(
     o = options or TrainOptions()
     timings: dict[str, float] = {}
     t0 = t = time.perf_counter()
-    examples = load_examples(data, o.limit, o.progress)
+    entries = cohort_findings(data, o.findings, o.finding_catalogue or settings.finding_catalogue)
+    names = [f.name for f in entries]
+    examples = load_examples(data, o.limit, o.progress, names)
     keys = [ex.key for ex in examples]
     split = split_patients(keys, [ex.site for ex in examples], o.seed, o.fractions)
     if o.train_sites:
@@ -188,16 +196,25 @@ def train_cohort(
     labs = LabEncoder().fit(ex.record.labs for ex in train_ex)
     out.mkdir(parents=True, exist_ok=True)
     pre_logs = {}
+    # Image fine-tuning, mask localisation and int8 calibration need radiographs: a cohort of
+    # notes and/or labs trains without them (the image encoders stay random and unused).
+    has_images = any(ex.record.images for ex in train_ex) and any(ex.record.images for ex in val_ex)
+    if not has_images:
+        echo(
+            "no radiographs in the training and validation splits: image fine-tuning, mask "
+            "localisation and int8 calibration skipped"
+        )
+    pretrain = o.pretrain and has_images
     # read once for both encoders (only the CNN localises with them: fusion/pretrain.py)
-    train_masks = _masks(train_ex) if o.pretrain else None
+    train_masks = _masks(train_ex, names) if pretrain else None
     for kind in ("cnn", "vit"):
         folder = out / kind
-        if o.pretrain:
+        if pretrain:
             pre = pretrain_image_encoder(
                 kind,
-                FINDING_NAMES,
-                *_images(train_ex),
-                *_images(val_ex),
+                names,
+                *_images(train_ex, names),
+                *_images(val_ex, names),
                 folder,
                 o.pretrain_settings,
                 o.progress,
@@ -212,19 +229,21 @@ def train_cohort(
     t = time.perf_counter()
     cnn = ImageEncoder.from_pretrained(str(out / "cnn"))
     vit = ImageEncoder.from_pretrained(str(out / "vit"))
-    if cnn.device.type == "cpu" and vit.device.type == "cpu":
+    if has_images and cnn.device.type == "cpu" and vit.device.type == "cpu":
         t_q = time.perf_counter()
-        train_pixels = _images(train_ex)[0]
+        train_pixels = _images(train_ex, names)[0]
         cnn, vit = (quantize(enc, train_pixels) for enc in (cnn, vit))
         timings["quantize_s"] = time.perf_counter() - t_q
     text = TextEncoder.from_pretrained(settings.text_model or None)
     cache = EmbeddingCache(o.cache_url or settings.database_url)
-    pipe = Pipeline(cnn, vit, text, labs, untrained_fusion(cnn, vit, text, labs), cache)
+    pipe = Pipeline(cnn, vit, text, labs, untrained_fusion(cnn, vit, text, labs, entries), cache)
     encoded = encode_all(pipe, examples, o.progress)
     timings["encode_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
     config = pipe.fusion.config
+    config.modalities = list(_modalities(encoded))
+    echo(f"findings: {', '.join(names)}; modalities: {', '.join(config.modalities)}")
     train, val = encoded.select_keys(split["train"]), encoded.select_keys(split["val"])
     model, tlog = train_fusion(config, train, val, o.train_settings, o.progress)
     echo(f"fusion: {tlog.epochs_run} epochs, best val loss {tlog.best_val_loss:.4f}")
@@ -264,7 +283,8 @@ def train_cohort(
             "critical_specificity": o.critical_specificity,
             "chosen_on": "validation split, calibrated probabilities",
         },
-        "image_encoders": "fine-tuned on the training split" if o.pretrain else "random, frozen",
+        "image_encoders": "fine-tuned on the training split" if pretrain else "random, frozen",
+        "modalities": config.modalities,
         "pretrain": pre_logs,
         "fusion": asdict(tlog),
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
@@ -317,7 +337,7 @@ def evaluate_cohort(
 
     model = FusionModel.from_pretrained(model_dir)
     pipe = model_pipeline(model_dir, settings, cache_url)
-    examples = load_examples(data, None, progress)
+    examples = load_examples(data, None, progress, model.config.findings)
     keys, scored = scored_patients(model.config.training, split, {ex.key for ex in examples})
     chosen = [ex for ex in examples if ex.key in keys]
     echo(f"evaluating {len(chosen)} of {len(examples)} patients ({scored})")
@@ -367,23 +387,25 @@ def scored_patients(training: dict[str, Any], split: str, keys: set[str]) -> tup
     return keys, "all"
 
 
-def _images(examples: list[Example]) -> tuple[list[np.ndarray], np.ndarray]:
+def _images(
+    examples: list[Example], findings: Sequence[str]
+) -> tuple[list[np.ndarray], np.ndarray]:
     """One training image per radiograph, labelled with its patient's findings."""
     pixels, labels = [], []
     for ex in examples:
         for img in ex.record.images:
             pixels.append(img.pixels)
-            labels.append([ex.labels[f] for f in FINDING_NAMES])
-    return pixels, np.asarray(labels, np.float32).reshape(-1, len(FINDING_NAMES))
+            labels.append([ex.labels[f] for f in findings])
+    return pixels, np.asarray(labels, np.float32).reshape(-1, len(findings))
 
 
-def _masks(examples: list[Example]) -> list[dict[str, np.ndarray]]:
+def _masks(examples: list[Example], findings: Sequence[str]) -> list[dict[str, np.ndarray]]:
     """Per training image, in ``_images`` order, its lesion masks (finding -> bool array)."""
     out = []
     for ex in examples:
         for img in ex.record.images:
             found = {}
-            for finding in FINDING_NAMES:
+            for finding in findings:
                 path = ex.masks.get(f"{img.sop_uid}:{finding}")
                 if path is not None:
                     with Image.open(path) as png:

@@ -177,23 +177,23 @@ def test_cnn_heatmap_explains_its_own_head_when_it_has_one(
     """A fine-tuned CNN checkpoint (a classifier) is explained through its own finding logit:
     replacing the fusion model leaves its heatmaps unchanged, while the ViT's (which explain the
     fusion logit) move."""
-    from mmcds.findings import FINDING_NAMES
+    from mmcds.findings import SYNTH_FINDINGS
     from mmcds.fusion.pretrain import PretrainSettings, pretrain_image_encoder
 
     images = [im for ex in examples for im in ex.record.images]
     labels = np.array(
-        [[ex.labels[f] for f in FINDING_NAMES] for ex in examples for _ in ex.record.images],
+        [[ex.labels[f] for f in SYNTH_FINDINGS] for ex in examples for _ in ex.record.images],
         np.float32,
     )
     pixels = [im.pixels for im in images]
     settings = PretrainSettings(epochs=1)
     pretrain_image_encoder(
-        "cnn", FINDING_NAMES, pixels, labels, pixels, labels, tmp_path / "cnn", settings, False
+        "cnn", SYNTH_FINDINGS, pixels, labels, pixels, labels, tmp_path / "cnn", settings, False
     )
     cnn = ImageEncoder.from_pretrained(str(tmp_path / "cnn"))
-    assert cnn.head is not None and cnn.labels == list(FINDING_NAMES)
-    assert all(cnn_target(cnn, f) == "head" for f in FINDING_NAMES)
-    assert cnn_target(pipeline.cnn, FINDING_NAMES[0]) == "fusion"  # a plain backbone
+    assert cnn.head is not None and cnn.labels == list(SYNTH_FINDINGS)
+    assert all(cnn_target(cnn, f) == "head" for f in SYNTH_FINDINGS)
+    assert cnn_target(pipeline.cnn, SYNTH_FINDINGS[0]) == "fusion"  # a plain backbone
     other = copy.deepcopy(pipeline.fusion)
     torch.manual_seed(7)
     with torch.no_grad():

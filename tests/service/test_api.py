@@ -17,7 +17,7 @@ from mmcds.fhir.client import FhirClient
 from mmcds.fhir.dicomweb import DicomWebClient
 from mmcds.fhir.gather import gather_patient
 from mmcds.fhir.load import load_folder
-from mmcds.findings import BY_NAME, FINDINGS
+from mmcds.findings import SYNTH_FINDINGS, finding
 from mmcds.fusion.pipeline import Pipeline
 from mmcds.service.api import create_app
 from mmcds.service.auth import sign_hook_jwt
@@ -138,7 +138,7 @@ def test_hook_writes_back_a_report_with_the_run_values(
         assert report["subject"]["reference"] == f"Patient/{patient_id}"
         assert "UNTRAINED" in report["conclusion"]
         # One saliency overlay (Media -> Binary, PNG) per finding for the patient's one image.
-        assert len(report["media"]) == len(FINDINGS)
+        assert len(report["media"]) == len(SYNTH_FINDINGS)
         media = fhir.read(*report["media"][0]["link"]["reference"].split("/"))
         assert "data" not in media["content"]  # by URL, never inline
         assert fhir.fetch_bytes(media["content"]["url"])[:8] == b"\x89PNG\r\n\x1a\n"
@@ -150,7 +150,7 @@ def test_hook_writes_back_a_report_with_the_run_values(
         # The same pipeline on the same gathered data gives the values that were written.
         expected = pipeline.analyse(gather_patient(fhir, pacs, patient_id)).assessment
     assert written == {
-        BY_NAME[f.finding].snomed: pytest.approx(f.probability, abs=1e-4) for f in expected.findings
+        finding(f.finding).snomed: pytest.approx(f.probability, abs=1e-4) for f in expected.findings
     }
     assert set(expected.modalities_used) == {"image", "text", "labs"}
 

@@ -22,7 +22,7 @@ from mmcds.fhir.bundle_limits import OMITTED_PREFIX, BundleLimits, oversize
 from mmcds.fhir.client import FhirClient
 from mmcds.fhir.report import report_bundle
 from mmcds.fhir.writeback import send_bundle
-from mmcds.findings import FINDINGS
+from mmcds.findings import SYNTH_FINDINGS as FINDINGS
 from mmcds.fusion.pipeline import Pipeline
 from mmcds.service.analysis import AnalysisResult, AnalysisService, Trigger
 from mmcds.settings import Settings

@@ -27,7 +27,7 @@ from mmcds.dev.servers import FhirSandbox, OrthancPacs, free_port
 from mmcds.fhir.bundle_limits import OMITTED_PREFIX
 from mmcds.fhir.client import FhirClient
 from mmcds.fhir.writeback import send_bundle
-from mmcds.findings import FINDINGS
+from mmcds.findings import SYNTH_FINDINGS as FINDINGS
 from mmcds.fusion.pipeline import Pipeline
 from mmcds.service.analysis import AnalysisService, Trigger
 from mmcds.service.cards import delivery_note

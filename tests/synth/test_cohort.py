@@ -19,7 +19,7 @@ from fhir.resources.R4B.bundle import Bundle
 from PIL import Image
 
 from mmcds.encoders.catalogue import BY_LOINC, to_canonical
-from mmcds.findings import FINDING_NAMES
+from mmcds.findings import SYNTH_FINDINGS
 from mmcds.synth import generate_cohort
 from mmcds.synth.latent import IMAGE_EXPRESSION, sample_patient
 from mmcds.synth.reference import evaluate, load_cohort, markdown, site_shift
@@ -70,8 +70,8 @@ def test_layout_and_labels(small: Path) -> None:
         "study_uid",
         "sop_uids",
         "mask_paths",
-        *FINDING_NAMES,
-        *(f"true_{f}" for f in FINDING_NAMES),
+        *SYNTH_FINDINGS,
+        *(f"true_{f}" for f in SYNTH_FINDINGS),
     }
     assert need <= set(csv_rows[0])
     assert {r["site"] for r in rows} == {"A", "B", "C"}
@@ -80,7 +80,7 @@ def test_layout_and_labels(small: Path) -> None:
         key = r["patient_key"]
         assert (small / "bundles" / f"{key}.json").is_file()
         assert [p.name for p in (small / "dicom" / key).iterdir()] == [f"{r['sop_uids'][0]}.dcm"]
-        for f in FINDING_NAMES:  # a mask exactly for the findings the radiograph shows
+        for f in SYNTH_FINDINGS:  # a mask exactly for the findings the radiograph shows
             shows = bool(r[f"true_{f}"]) and r["evidence"][f]["image_visibility"] > 0
             assert bool(r[f"mask_{f}"]) == shows, (key, f)
             if r[f"mask_{f}"]:
@@ -89,19 +89,19 @@ def test_layout_and_labels(small: Path) -> None:
     assert meta["seed"] == 11 and meta["args"]["patients"] == 36
     assert set(meta["prevalence"]) == {"A", "B", "C"}
     assert sum(r["true_no_finding"] for r in rows) > 0
-    assert any(sum(r[f"true_{f}"] for f in FINDING_NAMES) > 1 for r in rows)  # co-occurrence
+    assert any(sum(r[f"true_{f}"] for f in SYNTH_FINDINGS) > 1 for r in rows)  # co-occurrence
 
 
 def test_heart_failure_is_missing_from_some_radiographs_and_lesions_never_are() -> None:
     rng = np.random.default_rng(3)
     people = [sample_patient(rng, i, f"k{i}", site_profile("B"), 3) for i in range(4000)]
-    for f in FINDING_NAMES:
+    for f in SYNTH_FINDINGS:
         present = [p for p in people if p.findings[f]]
         hidden = np.mean([p.image_visibility[f] == 0 for p in present])
         # binomial sd of the share is <= 0.02 with a few hundred patients
         assert abs(hidden - (1 - IMAGE_EXPRESSION[f])) < 0.06, (f, hidden, len(present))
     assert IMAGE_EXPRESSION["heart_failure"] < 1.0
-    assert all(IMAGE_EXPRESSION[f] == 1.0 for f in FINDING_NAMES if f != "heart_failure")
+    assert all(IMAGE_EXPRESSION[f] == 1.0 for f in SYNTH_FINDINGS if f != "heart_failure")
 
 
 def test_bundles_validate_as_r4b_and_hold_no_labels(small: Path) -> None:
@@ -187,7 +187,7 @@ def test_dicom_decodes_with_tags_and_uids_of_its_study(small: Path) -> None:
         assert all(len(u) <= 64 for u in (sop, ds.StudyInstanceUID, ds.SeriesInstanceUID))
         shapes.add((r["site"], px.shape))
         photometric.add((r["site"], ds.PhotometricInterpretation))
-        for f in FINDING_NAMES:
+        for f in SYNTH_FINDINGS:
             if r[f"mask_{f}"]:
                 m = np.asarray(Image.open(small / r[f"mask_{f}"]))
                 assert m.dtype == np.uint8 and m.shape == px.shape
@@ -241,10 +241,10 @@ def test_label_noise_flips_labels_but_not_the_patients(tmp_path: Path) -> None:
     noisy = generate_cohort(tmp_path / "noisy", 30, seed=5, label_noise=0.3)
     assert _digest_tree(clean.out / "bundles") == _digest_tree(noisy.out / "bundles")
     rows = _labels(noisy.out)
-    flips = sum(r[f] != r[f"true_{f}"] for r in rows for f in FINDING_NAMES)
+    flips = sum(r[f] != r[f"true_{f}"] for r in rows for f in SYNTH_FINDINGS)
     assert flips > 0
-    assert [[r[f"true_{f}"] for f in FINDING_NAMES] for r in rows] == [
-        [r[f] for f in FINDING_NAMES] for r in _labels(clean.out)
+    assert [[r[f"true_{f}"] for f in SYNTH_FINDINGS] for r in rows] == [
+        [r[f] for f in SYNTH_FINDINGS] for r in _labels(clean.out)
     ]
 
 
@@ -267,7 +267,7 @@ def medium(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_no_single_phrase_gives_the_label_away(medium: Path) -> None:
     data = load_cohort(medium, image_size=8)
     grams = [set(re.findall(r"[a-z/]+(?: [a-z/]+)?", t.lower())) for t in data.texts]
-    for f in FINDING_NAMES:
+    for f in SYNTH_FINDINGS:
         y = data.truth[f].astype(bool)
         pos: Counter[str] = Counter(g for i in np.flatnonzero(y) for g in grams[i])
         neg: Counter[str] = Counter(g for i in np.flatnonzero(~y) for g in grams[i])
@@ -286,7 +286,7 @@ def test_evidence_is_split_and_site_shift_is_real(medium: Path) -> None:
         _, best = res.best_single(f)
         assert res.auroc[f]["all"] > best + 0.02, (f, res.auroc[f])
         assert max(res.auroc[f][m] for m in ("labs", "text", "image")) < 0.95
-    for f in FINDING_NAMES:
+    for f in SYNTH_FINDINGS:
         assert res.auroc[f]["all"] > 0.75, (f, res.auroc[f])
     losses = [r["A->A"] - r["A->B"] for r in res.site_shift.values()]
     assert float(np.nanmean(losses)) > 0.03, res.site_shift
