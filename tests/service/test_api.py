@@ -217,13 +217,14 @@ def test_replayed_token_is_refused(call_hook: HookCaller, fhir_url: str, ehr_key
     assert call_hook(_request(fhir_url, None), token=token).status_code == 401
 
 
-def test_fhir_server_down_gives_a_degraded_card_and_service_keeps_serving(
+def test_fhir_server_down_gives_412_and_service_keeps_serving(
     call_hook: HookCaller, cohort: Path, fhir_url: str, dicomweb: Any
 ) -> None:
+    # CDS Hooks 2.0: required data neither prefetched nor readable -> 412 + OperationOutcome
     down = call_hook(_request(call_hook.dead_fhir, "anyone"))
-    assert down.status_code == 200
-    (card,) = down.json()["cards"]
-    assert "unavailable" in card["summary"]
+    assert down.status_code == 412
+    assert down.json()["resourceType"] == "OperationOutcome"
+    assert "unavailable" in down.json()["issue"][0]["diagnostics"]
 
     patient_id = _load(cohort, fhir_url, dicomweb)[0]
     assert call_hook(_request(fhir_url, patient_id)).status_code == 200
