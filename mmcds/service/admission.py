@@ -7,6 +7,7 @@ import logging
 from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request
+from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 
@@ -14,6 +15,7 @@ from mmcds.service.analysis import AnalysisService
 from mmcds.service.auth import AuthError, JwtVerifier
 from mmcds.service.body import BodyRejected, parse_json_object
 from mmcds.service.feedback import FeedbackStore
+from mmcds.service.hooks import SERVICES
 from mmcds.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -61,6 +63,14 @@ SettingsDep = Annotated[Settings, Depends(app_settings)]
 AnalysisDep = Annotated[AnalysisService, Depends(analysis_service)]
 VerifierDep = Annotated[JwtVerifier, Depends(jwt_verifier)]
 FeedbackDep = Annotated[FeedbackStore, Depends(feedback_store)]
+# The OpenAPI document lists the services; an unknown id is still answered 404 by the handler
+# (with the way to discovery), not 422 by FastAPI.
+ServiceIdParam = Annotated[
+    str,
+    PathParam(
+        description="a service id from discovery", json_schema_extra={"enum": list(SERVICES)}
+    ),
+]
 
 
 # --- admission: the steps every authenticated POST shares ------------------------------------

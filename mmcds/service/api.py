@@ -29,6 +29,7 @@ from mmcds.service.admission import (
     AnalysisDep,
     FeedbackDep,
     Refused,
+    ServiceIdParam,
     SettingsDep,
     VerifierDep,
     admit,
@@ -70,7 +71,7 @@ def allowed_fhir_server(hook_request: HookRequest, settings: Settings) -> str:
 
 def _trigger(hook_request: HookRequest, patient_id: str, fhir_server: str, rid: str) -> Trigger:
     auth = hook_request.fhirAuthorization
-    encounter = hook_request.context.get("encounterId")
+    encounter = hook_request.context.encounterId
     return Trigger(
         patient_id=patient_id,
         fhir_server=fhir_server,
@@ -193,7 +194,7 @@ def model_card(settings: SettingsDep, service: AnalysisDep) -> str:
     openapi_extra=json_body(HookRequest),
 )
 async def hook(
-    service_id: str,
+    service_id: ServiceIdParam,
     request: Request,
     settings: SettingsDep,
     service: AnalysisDep,
@@ -211,14 +212,15 @@ async def hook(
             raise Refused(
                 error(400, f"service {service_id} answers {spec.hook}, not {hook_request.hook}")
             )
-        patient_id = check_context(spec, hook_request.context)
+        context = hook_request.context.model_dump(exclude_none=True)
+        patient_id = check_context(spec, context)
         fhir_server = allowed_fhir_server(hook_request, settings)
     except Refused as refused:
         return refused.response
     except ContextRejected as exc:
         return error(400, str(exc))
     log.info("hook %s jti=%s instance=%s", request_id, claims.get("jti"), hook_request.hookInstance)
-    orders = imaging_orders_of(spec, hook_request.context) if spec.orders_hook else []
+    orders = imaging_orders_of(spec, context) if spec.orders_hook else []
     if spec.orders_hook and not orders:
         return {"cards": []}  # not an imaging order: nothing to say, nothing analysed
     trigger = _trigger(hook_request, patient_id, fhir_server, request_id)

@@ -4,7 +4,6 @@ stored once per (card, outcome, outcomeTimestamp), linked to the card's analysis
 from __future__ import annotations
 
 import logging
-from datetime import datetime
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -14,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from mmcds.service.admission import (
     FeedbackDep,
     Refused,
+    ServiceIdParam,
     SettingsDep,
     VerifierDep,
     admit,
@@ -35,10 +35,6 @@ class FeedbackAnswer(BaseModel):
 
 
 def _feedback(service_id: str, item: FeedbackItem) -> Feedback:
-    try:
-        when = datetime.fromisoformat(item.outcomeTimestamp)
-    except ValueError as exc:
-        raise Refused(error(400, f"outcomeTimestamp is not an ISO 8601 instant: {exc}")) from exc
     reason = item.overrideReason.reason if item.overrideReason else None
     if item.outcome == "accepted" and item.overrideReason is not None:
         raise Refused(error(400, "an accepted card carries no overrideReason"))
@@ -48,7 +44,7 @@ def _feedback(service_id: str, item: FeedbackItem) -> Feedback:
         service_id=service_id,
         card_uuid=item.card,
         outcome=item.outcome,
-        outcome_timestamp=when,
+        outcome_timestamp=item.outcomeTimestamp,
         accepted_suggestions=tuple(s.id for s in item.acceptedSuggestions or []),
         override_reason=OverrideReason(reason.code, reason.system, reason.display)
         if reason
@@ -69,7 +65,7 @@ def _feedback(service_id: str, item: FeedbackItem) -> Feedback:
     openapi_extra=json_body(FeedbackRequest),
 )
 async def feedback(
-    service_id: str,
+    service_id: ServiceIdParam,
     request: Request,
     settings: SettingsDep,
     verifier: VerifierDep,

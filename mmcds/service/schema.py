@@ -7,6 +7,7 @@ out of every response (``response_model_exclude_none``), never sent as ``null``.
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -22,14 +23,25 @@ class FhirAuthorization(BaseModel):
     subject: str | None = None
 
 
+class HookContext(BaseModel):
+    """What every hook this service answers has in its context; the rest (``draftOrders``,
+    ``selections``...) is checked per hook (``mmcds.service.hooks``)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    patientId: str = Field(min_length=1, max_length=64)
+    userId: str | None = None
+    encounterId: str | None = None
+
+
 class HookRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    hook: str
+    hook: Literal["patient-view", "order-select", "order-sign"]
     hookInstance: str
     fhirServer: str | None = None
     fhirAuthorization: FhirAuthorization | None = None
-    context: dict[str, Any] = Field(default_factory=dict)
+    context: HookContext
     prefetch: dict[str, Any] | None = None
 
 
@@ -53,7 +65,7 @@ class FeedbackItem(BaseModel):
     outcome: Literal["accepted", "overridden"]
     acceptedSuggestions: list[AcceptedSuggestion] | None = Field(default=None, max_length=50)
     overrideReason: OverrideReasonIn | None = None
-    outcomeTimestamp: str = Field(description="ISO 8601 instant")
+    outcomeTimestamp: datetime = Field(description="ISO 8601 instant")
 
 
 class FeedbackRequest(BaseModel):
