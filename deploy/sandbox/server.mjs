@@ -7,7 +7,8 @@
 // Usage: node server.mjs [PORT]   (or PORT=... ; HOST defaults to 127.0.0.1)
 // Reset: POST {base}/$reset clears every resource (tests call it before each test).
 // Request log: GET {base}/$requests lists the requests served since the last reset (method,
-// path and query, whether a bearer token came), so tests can assert which calls were made.
+// path and query, whether a bearer token came), so tests can assert which calls were made;
+// DELETE {base}/$requests forgets them (keeping the resources).
 import { readFileSync } from 'node:fs';
 import http from 'node:http';
 import { createRequire } from 'node:module';
@@ -563,6 +564,10 @@ async function route(req, baseUrl, body) {
   if (method === 'GET' && path === 'metadata') return [allOk, metadata(baseUrl)];
   if (method === 'POST' && path === '$reset') {
     repo.clear();
+    requestLog.length = 0;
+    return [allOk];
+  }
+  if (method === 'DELETE' && path === '$requests') {
     requestLog.length = 0;
     return [allOk];
   }

@@ -243,6 +243,10 @@ class FhirSandbox(_ChildServer):
         """Deletes every resource (POST [base]/$reset)."""
         httpx.post(f"{self.base_url}/$reset", timeout=10.0).raise_for_status()
 
+    def reset_log(self) -> None:
+        """Forgets the requests logged so far, keeping the resources (DELETE [base]/$requests)."""
+        httpx.delete(f"{self.base_url}/$requests", timeout=10.0).raise_for_status()
+
     def requests(self) -> list[dict[str, object]]:
         """The requests served since the last reset, oldest first: ``method``, ``url`` (path and
         query), ``bearer`` (whether a bearer token came). GET [base]/$requests."""
