@@ -55,7 +55,7 @@ from mmcds.service.schema import (
     OperationOutcome,
     operation_outcome,
 )
-from mmcds.settings import Settings
+from mmcds.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +130,12 @@ def create_app(settings: Settings, pipeline: Pipeline | None = None) -> FastAPI:
     app.include_router(feedback_router)
     app.openapi = _openapi_with_bodies(app)  # type: ignore[method-assign]
     return app
+
+
+def app_from_settings() -> FastAPI:
+    """The app from the environment's settings: the factory ``mmcds serve`` gives uvicorn,
+    which calls it once in each worker process."""
+    return create_app(get_settings())
 
 
 def _openapi_with_bodies(app: FastAPI) -> Callable[[], dict[str, Any]]:
