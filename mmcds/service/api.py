@@ -40,6 +40,7 @@ from mmcds.service.admission import (
 from mmcds.service.analysis import AnalysisResult, AnalysisService, Trigger
 from mmcds.service.auth import JwtVerifier
 from mmcds.service.cards import card_uuids, order_card, reason_suggestions, with_suggestions
+from mmcds.service.conformance import problems_cards_response
 from mmcds.service.feedback import FeedbackStore
 from mmcds.service.feedback_api import router as feedback_router
 from mmcds.service.hooks import SERVICES, ContextRejected, HookService, check_context
@@ -246,4 +247,7 @@ async def hook(
                 await run_in_threadpool(
                     feedback.link_card, card_uuid, result.analysis.identifier, service_id=service_id
                 )
-    return {"cards": cards}
+    answer = {"cards": cards}
+    for problem in problems_cards_response(answer):  # our bug, not the EHR's: say so loudly
+        log.error("hook %s: response breaks CDS Hooks 2.0: %s", request_id, problem)
+    return answer
