@@ -30,9 +30,8 @@ from sqlalchemy import (
     func,
     select,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 
-from mmcds.db import create_tables, make_engine
+from mmcds.db import create_tables, insert_ignoring, make_engine
 
 Outcome = Literal["accepted", "overridden"]
 FeedbackSource = Literal["cds-hooks", "review-page"]
@@ -103,19 +102,11 @@ class FeedbackStore:
 
     def __init__(self, url: str) -> None:
         self.engine = make_engine(url, purpose="feedback store")
-        self.dialect = self.engine.dialect.name
         self.feedback, self.links = _tables(MetaData())
         create_tables(self.engine, self.feedback, self.links, purpose="feedback store")
 
     def close(self) -> None:
         self.engine.dispose()
-
-    def _insert(self, table: Table, keys: builtins.list[str]) -> Any:
-        if self.dialect == "postgresql":
-            return postgresql.insert(table).on_conflict_do_nothing(index_elements=keys)
-        if self.dialect == "sqlite":
-            return sqlite.insert(table).on_conflict_do_nothing(index_elements=keys)
-        return table.insert()
 
     # --- card -> analysis -------------------------------------------------------------------
 
@@ -124,7 +115,7 @@ class FeedbackStore:
         a uuid wins (uuids are random, so a second one is a retry of the same write)."""
         row = {"card_uuid": card_uuid, "analysis_id": analysis_id, "service_id": service_id}
         with self.engine.begin() as conn:
-            conn.execute(self._insert(self.links, ["card_uuid"]), row)
+            conn.execute(insert_ignoring(self.engine, self.links, ["card_uuid"]), row)
 
     def analysis_of(self, card_uuid: str) -> str | None:
         with self.engine.connect() as conn:
@@ -158,7 +149,7 @@ class FeedbackStore:
         keys = ["card_uuid", "outcome", "outcome_timestamp"]
         with self.engine.begin() as conn:
             # RETURNING says whether this writer inserted (rowcount is not portable here)
-            stmt = self._insert(self.feedback, keys).returning(self.feedback.c.id)
+            stmt = insert_ignoring(self.engine, self.feedback, keys).returning(self.feedback.c.id)
             return conn.execute(stmt, row).first() is not None
 
     def list(

@@ -17,13 +17,12 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Protocol
 
 from sqlalchemy import Column, Float, MetaData, String, Table, delete
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 
-from mmcds.db import create_tables, make_engine
+from mmcds.db import create_tables, insert_ignoring, make_engine
 from mmcds.errors import AuthError
 from mmcds.settings import Settings
 
@@ -78,7 +77,6 @@ class DatabaseReplayCache:
 
     def check_and_add(self, key: str, expires_at: float) -> bool:
         now, t = self._clock(), self.table
-        insert: Any = (postgresql if self.engine.dialect.name == "postgresql" else sqlite).insert
         try:
             with self.engine.begin() as conn:
                 if now - self._purged > PURGE_EVERY_S:
@@ -87,9 +85,8 @@ class DatabaseReplayCache:
                 else:  # an expired entry of this very key must not block it forever
                     conn.execute(delete(t).where(t.c.key == _digest(key), t.c.expires_at < now))
                 stmt = (
-                    insert(t)
+                    insert_ignoring(self.engine, t, ["key"])
                     .values(key=_digest(key), expires_at=expires_at)
-                    .on_conflict_do_nothing(index_elements=["key"])
                     .returning(t.c.key)
                 )
                 return conn.execute(stmt).first() is not None
