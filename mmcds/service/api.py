@@ -241,12 +241,11 @@ async def hook(
         )
         return JSONResponse(outcome, status_code=412)
     cards = hook_cards(spec, result, orders)
-    if result.analysis is not None:
-        for card in cards:
-            for card_uuid in card_uuids(card):
-                await run_in_threadpool(
-                    feedback.link_card, card_uuid, result.analysis.identifier, service_id=service_id
-                )
+    if result.analysis is not None:  # feedback names only the card: remember its analysis
+        uuids = [u for card in cards for u in card_uuids(card)]
+        await run_in_threadpool(
+            feedback.link_cards, uuids, result.analysis.identifier, service_id=service_id
+        )
     answer = {"cards": cards}
     for problem in problems_cards_response(answer):  # our bug, not the EHR's: say so loudly
         log.error("hook %s: response breaks CDS Hooks 2.0: %s", request_id, problem)

@@ -110,12 +110,21 @@ class FeedbackStore:
 
     # --- card -> analysis -------------------------------------------------------------------
 
+    def link_cards(
+        self, card_uuids: builtins.list[str], analysis_id: str, *, service_id: str | None = None
+    ) -> None:
+        """Remember which analysis cards (and their suggestions) show, in one transaction; the
+        first link of a uuid wins (uuids are random, so a second one is a retry)."""
+        rows = [
+            {"card_uuid": u, "analysis_id": analysis_id, "service_id": service_id}
+            for u in card_uuids
+        ]
+        if rows:
+            with self.engine.begin() as conn:
+                conn.execute(insert_ignoring(self.engine, self.links, ["card_uuid"]), rows)
+
     def link_card(self, card_uuid: str, analysis_id: str, *, service_id: str | None = None) -> None:
-        """Remember which analysis a card (or one of its suggestions) shows; the first link of
-        a uuid wins (uuids are random, so a second one is a retry of the same write)."""
-        row = {"card_uuid": card_uuid, "analysis_id": analysis_id, "service_id": service_id}
-        with self.engine.begin() as conn:
-            conn.execute(insert_ignoring(self.engine, self.links, ["card_uuid"]), row)
+        self.link_cards([card_uuid], analysis_id, service_id=service_id)
 
     def analysis_of(self, card_uuid: str) -> str | None:
         with self.engine.connect() as conn:
