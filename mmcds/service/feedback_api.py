@@ -21,11 +21,13 @@ from mmcds.service.admission import (
     json_body,
     validated,
 )
+from mmcds.service.cards import OVERRIDE_REASONS
 from mmcds.service.feedback import Feedback, OverrideReason
 from mmcds.service.hooks import SERVICES
 from mmcds.service.schema import ErrorBody, FeedbackItem, FeedbackRequest
 
 log = logging.getLogger(__name__)
+OFFERED = {(r["system"], r["code"]) for r in OVERRIDE_REASONS}
 router = APIRouter()
 
 
@@ -40,6 +42,9 @@ def _feedback(service_id: str, item: FeedbackItem) -> Feedback:
         raise Refused(error(400, "an accepted card carries no overrideReason"))
     if item.outcome == "overridden" and item.acceptedSuggestions:
         raise Refused(error(400, "an overridden card carries no acceptedSuggestions"))
+    if reason is not None and (reason.system, reason.code) not in OFFERED:
+        # CDS Hooks 2.0: the reason SHALL be one the card offered (every card offers the same)
+        raise Refused(error(400, f"overrideReason {reason.code!r} is not one the cards offer"))
     return Feedback(
         service_id=service_id,
         card_uuid=item.card,

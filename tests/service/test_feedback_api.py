@@ -94,6 +94,12 @@ def test_bad_feedback_gets_clear_errors(call_hook: Any) -> None:
         "unknown outcome": {"card": card, "outcome": "ignored", "outcomeTimestamp": "2026-12-02"},
         "no timestamp": {"card": card, "outcome": "accepted"},
         "bad timestamp": {"card": card, "outcome": "accepted", "outcomeTimestamp": "yesterday"},
+        "a reason the card did not offer": {
+            "card": card,
+            "outcome": "overridden",
+            "overrideReason": {"reason": {"code": "because", "system": "urn:attacker"}},
+            "outcomeTimestamp": "2026-12-02T10:00:00Z",
+        },
     }
     for name, item in cases.items():
         response = call_hook.post(FEEDBACK, {"feedback": [item]})
