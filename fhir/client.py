@@ -119,10 +119,18 @@ class FhirClient:
 
     def iter_search(self, resource_type: str, params: dict[str, str]) -> Iterator[dict[str, Any]]:
         """Yield matching resources, following `next` links, up to ``max_results``."""
-        url: str | None = resource_type
-        query: dict[str, str] | None = params
+        return self._pages(resource_type, params)
+
+    def iter_next(self, next_url: str) -> Iterator[dict[str, Any]]:
+        """The rest of a search from a Bundle's ``next`` link (e.g. a prefetched first page).
+        Only links on this server are followed: the client carries the EHR's bearer token."""
+        return self._pages(next_url, None)
+
+    def _pages(self, url: str | None, query: dict[str, str] | None) -> Iterator[dict[str, Any]]:
         seen = 0
         while url:
+            if url.startswith(("http://", "https://")) and not url.startswith(self.base_url + "/"):
+                raise FhirError(f"next link outside the FHIR server {self.base_url} refused")
             bundle = self._request("GET", url, params=query).json()
             for entry in bundle.get("entry") or []:
                 resource = entry.get("resource")

@@ -33,6 +33,28 @@ IMAGE_MODALITIES = {"CR", "DX", "DR"}
 BITMAP_TYPES = ("image/png", "image/jpeg")
 DCM_SYSTEM = "http://dicom.nema.org/resources/ontology/DCM"
 
+# Every search gather makes, by name: (resource type, parameters besides ``patient`` and
+# ``_count``). CDS Hooks prefetch templates are derived from these (``mmcds.fhir.prefetch``), so
+# what the EHR prefetches is exactly what gather would have asked for.
+QUERIES: dict[str, tuple[str, dict[str, str]]] = {
+    "documents": ("DocumentReference", {"status": "current"}),
+    "reports": ("DiagnosticReport", {}),
+    "labs": ("Observation", {"category": "laboratory"}),
+    "vitals": ("Observation", {"category": "vital-signs"}),
+    "imaging": ("ImagingStudy", {}),
+    "media": ("Media", {"status": "completed"}),
+}
+# Page sizes asked for (documents: the notes limit, ``Limits.max_notes``).
+COUNTS = {"reports": 50, "labs": 200, "vitals": 200, "imaging": 50, "media": 50}
+
+
+def _search(
+    fhir: FhirReader, name: str, subject: str, count: int | None = None
+) -> list[dict[str, Any]]:
+    resource_type, params = QUERIES[name]
+    size = count if count is not None else COUNTS[name]
+    return fhir.search(resource_type, {"patient": subject, **params, "_count": str(size)})
+
 
 def _ai_generated(resource: dict[str, Any]) -> bool:
     """Resources carrying the AIAST label were written by an AI (ours among them): reading them
@@ -116,10 +138,7 @@ def gather_patient(
 
 def _gather_notes(fhir: FhirReader, subject: str, record: PatientRecord, limits: Limits) -> None:
     try:
-        docs = fhir.search(
-            "DocumentReference",
-            {"patient": subject, "status": "current", "_count": str(limits.max_notes)},
-        )
+        docs = _search(fhir, "documents", subject, limits.max_notes)
     except FhirError as exc:
         record.missing.append(Missing("text", f"notes unavailable: {exc}"))
         return
@@ -147,7 +166,7 @@ def _report_narratives(
     if room <= 0:
         return []
     try:
-        reports = fhir.search("DiagnosticReport", {"patient": subject, "_count": "50"})
+        reports = _search(fhir, "reports", subject)
     except FhirError as exc:
         record.missing.append(Missing("text", f"reports unavailable: {exc}"))
         return []
@@ -166,13 +185,11 @@ def _report_narratives(
 
 def _gather_labs(fhir: FhirReader, subject: str, record: PatientRecord, limits: Limits) -> None:
     observations: list[dict[str, Any]] = []
-    for category in ("laboratory", "vital-signs"):
+    for name in ("labs", "vitals"):
         try:
-            observations += fhir.search(
-                "Observation",
-                {"patient": subject, "category": category, "_count": "200"},
-            )[: limits.max_labs]
+            observations += _search(fhir, name, subject)[: limits.max_labs]
         except FhirError as exc:
+            category = QUERIES[name][1]["category"]
             record.missing.append(Missing("labs", f"{category} results unavailable: {exc}"))
     frame, missing = observations_to_frame(observations)
     record.labs = frame
@@ -187,7 +204,7 @@ def _gather_images(
     limits: Limits,
 ) -> None:
     try:
-        studies = fhir.search("ImagingStudy", {"patient": subject, "_count": "50"})
+        studies = _search(fhir, "imaging", subject)
     except FhirError as exc:
         record.missing.append(Missing("image", f"imaging studies unavailable: {exc}"))
         return
@@ -221,7 +238,7 @@ def _media_images(
     if room <= 0:
         return []
     try:
-        media = fhir.search("Media", {"patient": subject, "status": "completed", "_count": "50"})
+        media = _search(fhir, "media", subject)
     except FhirError as exc:
         record.missing.append(Missing("image", f"media unavailable: {exc}"))
         return []

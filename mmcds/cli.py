@@ -56,14 +56,71 @@ def load(
 
 
 @app.command()
-def serve() -> None:
+def serve(
+    workers: Annotated[
+        int, typer.Option(min=1, max=64, help="Worker processes (each loads its own models)")
+    ] = 1,
+) -> None:
     """Run the CDS Hooks service (settings from MMCDS_* variables; see README)."""
     import uvicorn
 
-    from mmcds.service.api import create_app
-
     s = get_settings()
-    uvicorn.run(create_app(s), host=s.host, port=s.port, log_level="info")
+    if workers > 1 and s.replay_cache == "memory":
+        raise typer.BadParameter(
+            "--workers > 1 needs a replay cache shared by the processes: set "
+            "MMCDS_REPLAY_CACHE=database (the default) or redis",
+            param_hint="--workers",
+        )
+    # An import string + factory: each worker process builds its own app from the settings.
+    uvicorn.run(
+        "mmcds.service.api:app_from_settings",
+        factory=True,
+        host=s.host,
+        port=s.port,
+        workers=workers,
+        log_level="info",
+    )
+
+
+@app.command()
+def feedback(
+    since: Annotated[
+        str | None, typer.Option(help="ISO date or instant; only outcomes from then on")
+    ] = None,
+    service: Annotated[str | None, typer.Option(help="Only this CDS service id")] = None,
+    analysis: Annotated[str | None, typer.Option(help="Only feedback on this analysis")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=100_000)] = 100,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line")] = False,
+) -> None:
+    """List clinicians' feedback on cards (accepted / overridden, with the reason), newest
+    first, for monitoring."""
+    import json
+    from dataclasses import asdict
+    from datetime import datetime
+
+    from mmcds.service.feedback import FeedbackStore
+
+    try:
+        start = datetime.fromisoformat(since) if since else None
+    except ValueError as exc:
+        raise typer.BadParameter(f"not an ISO date: {since}", param_hint="--since") from exc
+    store = FeedbackStore(get_settings().database_url)
+    try:
+        items = store.list(since=start, service_id=service, analysis_id=analysis, limit=limit)
+    finally:
+        store.close()
+    for f in items:
+        if as_json:
+            row = asdict(f) | {"outcome_timestamp": f.outcome_timestamp.isoformat()}
+            typer.echo(json.dumps(row))
+            continue
+        reason = f.override_reason.display or f.override_reason.code if f.override_reason else ""
+        typer.echo(
+            f"{f.outcome_timestamp.isoformat()}  {f.service_id}  {f.outcome:<10}  "
+            f"card={f.card_uuid}  analysis={f.analysis_id or '-'}  {reason}".rstrip()
+        )
+    if not items and not as_json:
+        typer.echo("no feedback recorded", err=True)
 
 
 @app.command()

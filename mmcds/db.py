@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, Table, create_engine, event, inspect, text
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.pool import StaticPool
@@ -81,3 +82,13 @@ def create_tables(engine: Engine, *tables: Table, purpose: str) -> None:
             f"cannot open the {purpose} at {where}: {exc.orig}. "
             "Check MMCDS_DATABASE_URL and that the server is running."
         ) from exc
+
+
+def insert_ignoring(engine: Engine, table: Table, keys: list[str]) -> Any:
+    """``INSERT ... ON CONFLICT (keys) DO NOTHING``: idempotent writes keyed by ``keys``; add
+    ``.returning(...)`` to learn whether this writer inserted (rowcount is not portable)."""
+    if engine.dialect.name == "postgresql":
+        return postgresql.insert(table).on_conflict_do_nothing(index_elements=keys)
+    if engine.dialect.name == "sqlite":
+        return sqlite.insert(table).on_conflict_do_nothing(index_elements=keys)
+    raise DatabaseError(f"unsupported database {engine.dialect.name}: use SQLite or PostgreSQL")

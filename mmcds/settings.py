@@ -67,6 +67,14 @@ class Settings(BaseSettings):
         default_factory=lambda data: f"sqlite:///{Path(data['home']) / 'mmcds.db'}"
     )
 
+    # Where seen JWT ids are kept so a token is accepted once across every worker and replica:
+    # "database" (database_url), "redis" (redis_url) or "memory" (a single process only).
+    replay_cache: Literal["database", "redis", "memory"] = "database"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+
+    # Browser-based CDS clients allowed by CORS (preflight needs no JWT; hooks still do).
+    cors_origins: list[str] = Field(default_factory=lambda: ["*"])
+
     # PyTorch intra-op threads per service process. One: measured (benchmarks/explain.py) a
     # 4-5x slowdown with 2 threads when the cores are shared; scale with processes instead.
     torch_threads: int = 1

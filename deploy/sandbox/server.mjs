@@ -7,6 +7,9 @@
 //
 // Usage: node server.mjs [PORT]   (or PORT=... ; HOST defaults to 127.0.0.1)
 // Reset: POST {base}/$reset clears every resource (tests call it before each test).
+// Request log: GET {base}/$requests lists the requests served since the last reset (method,
+// path and query, whether a bearer token came), so tests can assert which calls were made;
+// DELETE {base}/$requests forgets them (keeping the resources).
 import { createPublicKey, verify as verifySignature } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import http from 'node:http';
@@ -661,8 +664,15 @@ async function route(req, baseUrl, body) {
   }
   if (method === 'POST' && path === '$reset') {
     repo.clear();
+    requestLog.length = 0;
     return [allOk];
   }
+  if (method === 'DELETE' && path === '$requests') {
+    requestLog.length = 0;
+    return [allOk];
+  }
+  if (method === 'GET' && path === '$requests')
+    return [allOk, { resourceType: 'Parameters', parameter: requestLog.map((r) => ({ name: 'request', valueString: JSON.stringify(r) })) }];
   if (method === 'POST' && path === '') {
     if (body?.resourceType !== 'Bundle')
       throw new HttpError(400, 'POST to the base needs a transaction or batch Bundle');
@@ -701,10 +711,24 @@ function send(res, status, resource, extraHeaders = {}) {
   res.end(JSON.stringify(resource));
 }
 
+const requestLog = [];
+const MAX_LOGGED = 10000;
+
+function logRequest(req, pathname) {
+  if (pathname.endsWith('/$requests') || pathname.endsWith('/$reset')) return;
+  if (requestLog.length >= MAX_LOGGED) requestLog.shift();
+  requestLog.push({
+    method: req.method,
+    url: req.url,
+    bearer: /^Bearer /i.test(req.headers.authorization ?? ''),
+  });
+}
+
 async function handle(req, res) {
   const baseUrl = `http://${req.headers.host ?? `${HOST}:${PORT}`}${BASE}`;
   try {
     const { pathname } = new URL(req.url, 'http://sandbox');
+    logRequest(req, pathname);
     if (pathname !== BASE && !pathname.startsWith(`${BASE}/`))
       throw new HttpError(404, `Not found; the FHIR base is ${BASE}`);
     const path = pathname.slice(BASE.length).replace(/^\/+|\/+$/g, '');

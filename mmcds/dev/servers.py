@@ -250,6 +250,17 @@ class FhirSandbox(_ChildServer):
         """Deletes every resource (POST [base]/$reset)."""
         httpx.post(f"{self.base_url}/$reset", timeout=10.0).raise_for_status()
 
+    def reset_log(self) -> None:
+        """Forgets the requests logged so far, keeping the resources (DELETE [base]/$requests)."""
+        httpx.delete(f"{self.base_url}/$requests", timeout=10.0).raise_for_status()
+
+    def requests(self) -> list[dict[str, object]]:
+        """The requests served since the last reset, oldest first: ``method``, ``url`` (path and
+        query), ``bearer`` (whether a bearer token came). GET [base]/$requests."""
+        response = httpx.get(f"{self.base_url}/$requests", timeout=10.0)
+        response.raise_for_status()
+        return [json.loads(p["valueString"]) for p in response.json().get("parameter") or []]
+
 
 class OrthancPacs(_ChildServer):
     """Orthanc with the DICOMweb and GDCM plugins, its storage in a temporary folder.

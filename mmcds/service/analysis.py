@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Generator, Iterator
+from collections.abc import Generator, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +22,8 @@ from mmcds.explain.stage import explain
 from mmcds.fhir.bundle_limits import BundleLimits, BundleTooLarge
 from mmcds.fhir.client import FhirClient, FhirError
 from mmcds.fhir.dicomweb import DicomWebClient
-from mmcds.fhir.gather import Limits, gather_patient
+from mmcds.fhir.gather import FhirReader, Limits, gather_patient
+from mmcds.fhir.prefetch import PrefetchedFhir
 from mmcds.fhir.report import report_bundle
 from mmcds.fhir.smart_auth import DEFAULT_SCOPE, BackendCredentials, BackendServicesAuth
 from mmcds.fhir.writeback import Sent, send_bundle
@@ -45,6 +46,8 @@ class Trigger:
     token: str | None = None  # the EHR's access token for reading; never used for write-back
     encounter: str | None = None  # "Encounter/<id>"
     request_id: str = ""  # for the log (never PHI)
+    # CDS Hooks prefetch, by key (``mmcds.fhir.prefetch``): read before asking the server.
+    prefetch: Mapping[str, Any] | None = field(default=None, compare=False)
 
 
 @dataclass
@@ -59,6 +62,8 @@ class AnalysisResult:
     bundle: dict[str, Any] | None = None
     delivery: Delivery | None = None  # None: not written back (the card says so)
     unavailable: str | None = None
+    # The Patient could be neither prefetched nor read from the FHIR server (a hook: 412).
+    fhir_unreachable: bool = False
     outbox_key: str | None = field(default=None, repr=False)
 
 
@@ -122,8 +127,10 @@ class AnalysisService:
                 )
             except UpstreamUnavailable as exc:
                 log.warning("analysis %s: FHIR unavailable: %s", trigger.request_id, exc)
-                return self._unavailable("the FHIR server is unavailable")
+                return self._unavailable("the FHIR server is unavailable", unreachable=True)
             except FhirError as exc:
+                if exc.status in (401, 403):  # the EHR's token does not let us read the patient
+                    return self._unavailable(f"FHIR access refused ({exc.status})", True)
                 reason = "patient not found" if exc.status == 404 else f"FHIR error {exc.status}"
                 return self._unavailable(reason)
         analysis, explanation = self.assess(record)
@@ -194,9 +201,11 @@ class AnalysisService:
 
     # --- helpers ----------------------------------------------------------------------------
 
-    def _unavailable(self, reason: str) -> AnalysisResult:
+    def _unavailable(self, reason: str, unreachable: bool = False) -> AnalysisResult:
         return AnalysisResult(
-            cards=[unavailable_card(reason, self.model_card_url)], unavailable=reason
+            cards=[unavailable_card(reason, self.model_card_url)],
+            unavailable=reason,
+            fhir_unreachable=unreachable,
         )
 
 
@@ -229,8 +238,9 @@ def _credentials(settings: Settings) -> BackendCredentials | None:
 
 
 @contextlib.contextmanager
-def _clients(settings: Settings, trigger: Trigger) -> Iterator[tuple[FhirClient, DicomWebClient]]:
-    """The FHIR and DICOMweb clients of one analysis, closed together."""
+def _clients(settings: Settings, trigger: Trigger) -> Iterator[tuple[FhirReader, DicomWebClient]]:
+    """The FHIR (prefetch first, when the hook sent one) and DICOMweb clients of one analysis,
+    closed together."""
     auth = (
         (settings.dicomweb_user, settings.dicomweb_password)
         if settings.dicomweb_user and settings.dicomweb_password
@@ -239,4 +249,7 @@ def _clients(settings: Settings, trigger: Trigger) -> Iterator[tuple[FhirClient,
     fhir = FhirClient(trigger.fhir_server, token=trigger.token, timeout=settings.fhir_timeout_s)
     pacs = DicomWebClient(settings.dicomweb_url, auth=auth, max_bytes=settings.max_image_bytes)
     with fhir, pacs:
-        yield fhir, pacs
+        if trigger.prefetch is None:
+            yield fhir, pacs
+        else:
+            yield PrefetchedFhir(trigger.prefetch, trigger.patient_id, fhir), pacs

@@ -1,191 +1,98 @@
-"""The CDS Hooks service over HTTP (FastAPI): discovery, hook endpoints, model card, health.
+"""The CDS Hooks service over HTTP (FastAPI): discovery, hooks, feedback, model card, health.
 
-This module only does HTTP: a hook call goes size check -> JWT verification -> request
-validation -> fhirServer allowlist, then hands a ``Trigger`` to the ``AnalysisService``, which
-runs the path (``mmcds.service.analysis``). Data that cannot be read gives a degraded card,
-never a crash; a bad request gives a 4xx that says what is wrong.
+This module only does HTTP. A hook call goes: size bound -> JWT verification -> body parsing
+(``body``) and validation (``schema``) -> the hook's context rules (``hooks``) -> fhirServer
+allowlist, then hands a ``Trigger`` (with the prefetch) to the ``AnalysisService``, which runs
+the path (``mmcds.service.analysis``). Data that cannot be read gives a degraded card; required
+data that can be neither prefetched nor fetched gives 412; a bad request gives a 4xx that says
+what is wrong; nothing a client sends makes a 5xx.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import torch
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from mmcds.fusion.model import CARD_NAME, default_card
 from mmcds.fusion.pipeline import Pipeline
-from mmcds.service.analysis import AnalysisService, Trigger
-from mmcds.service.auth import AuthError, JwtVerifier
+from mmcds.service.admission import (
+    AnalysisDep,
+    FeedbackDep,
+    Refused,
+    ServiceIdParam,
+    SettingsDep,
+    VerifierDep,
+    admit,
+    error,
+    json_body,
+    validated,
+)
+from mmcds.service.analysis import AnalysisResult, AnalysisService, Trigger
+from mmcds.service.auth import JwtVerifier
+from mmcds.service.cards import card_uuids, order_card, reason_suggestions, with_suggestions
+from mmcds.service.conformance import problems_cards_response
+from mmcds.service.feedback import FeedbackStore
+from mmcds.service.feedback_api import router as feedback_router
+from mmcds.service.hooks import SERVICES, ContextRejected, HookService, check_context
+from mmcds.service.hooks import imaging_orders as imaging_orders_of
 from mmcds.service.outbox import OutboxWorker
-from mmcds.settings import Settings
+from mmcds.service.replay import replay_cache
+from mmcds.service.schema import (
+    CardsResponse,
+    Discovery,
+    ErrorBody,
+    FeedbackRequest,
+    HookRequest,
+    OperationOutcome,
+    operation_outcome,
+)
+from mmcds.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
-SERVICES: dict[str, dict[str, str]] = {
-    "mmcds-patient-view": {
-        "hook": "patient-view",
-        "title": "Multimodal AI risk summary",
-        "description": "Fuses chest imaging, clinical notes and labs into a preliminary, "
-        "calibrated risk summary for pneumonia, heart failure, pleural effusion and "
-        "pneumothorax, with the evidence behind it.",
-    },
-}
 
-
-class FhirAuthorization(BaseModel):
-    access_token: str
-    token_type: Literal["Bearer", "bearer"] = "Bearer"
-    expires_in: int | None = None
-    scope: str | None = None
-    subject: str | None = None
-
-
-class HookRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    hook: str
-    hookInstance: str
-    fhirServer: str | None = None
-    fhirAuthorization: FhirAuthorization | None = None
-    context: dict[str, Any] = Field(default_factory=dict)
-    prefetch: dict[str, Any] | None = None
-
-
-async def _read_bounded(request: Request, limit: int) -> bytes | None:
-    """The body, or None once it exceeds ``limit`` bytes: stop reading rather than buffer an
-    attacker's gigabytes before saying no."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        return None
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            return None
-    return bytes(body)
-
-
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
-
-
-class Source(BaseModel):
-    label: str
-    url: str | None = None
-
-
-class Coding(BaseModel):
-    code: str
-    system: str | None = None
-    display: str | None = None
-
-
-class Link(BaseModel):
-    label: str
-    url: str
-    type: Literal["absolute", "smart"]
-
-
-class Card(BaseModel):
-    """A CDS Hooks 2.0 card; optional members are omitted, never sent as null."""
-
-    uuid: str
-    summary: str = Field(max_length=139)
-    indicator: Literal["info", "warning", "critical"]
-    detail: str | None = None
-    source: Source
-    links: list[Link] | None = None
-    overrideReasons: list[Coding] | None = None
-
-
-class CardsResponse(BaseModel):
-    cards: list[Card]
-
-
-class ServiceDescription(BaseModel):
-    id: str
-    hook: str
-    title: str
-    description: str
-    prefetch: dict[str, str] | None = None
-
-
-class Discovery(BaseModel):
-    services: list[ServiceDescription]
-
-
-# --- dependencies: what each endpoint needs, built once per app in create_app ---------------
-
-
-def app_settings(request: Request) -> Settings:
-    return request.app.state.settings
-
-
-def analysis_service(request: Request) -> AnalysisService:
-    return request.app.state.analysis
-
-
-def jwt_verifier(request: Request) -> JwtVerifier:
-    return request.app.state.verifier
-
-
-SettingsDep = Annotated[Settings, Depends(app_settings)]
-AnalysisDep = Annotated[AnalysisService, Depends(analysis_service)]
-VerifierDep = Annotated[JwtVerifier, Depends(jwt_verifier)]
-
-
-# --- the hook, step by step -------------------------------------------------------------------
-
-
-class HookRefused(Exception):
-    """A hook call answered with an HTTP error before any analysis."""
-
-    def __init__(self, response: JSONResponse) -> None:
-        self.response = response
-
-
-def _parse_hook(service_id: str, body: bytes, settings: Settings) -> tuple[HookRequest, str]:
-    """The validated request and the FHIR server it may name; ``HookRefused`` otherwise."""
-    try:
-        hook_request = HookRequest.model_validate(json.loads(body))
-    except (ValueError, ValidationError) as exc:
-        raise HookRefused(_error(400, f"invalid CDS Hooks request: {str(exc)[:300]}")) from exc
-    expected = SERVICES[service_id]["hook"]
-    if hook_request.hook != expected:
-        raise HookRefused(
-            _error(400, f"service {service_id} answers {expected}, not {hook_request.hook}")
-        )
-    patient_id = hook_request.context.get("patientId")
-    if not isinstance(patient_id, str) or not patient_id:
-        raise HookRefused(_error(400, "context.patientId is required for patient-view"))
+def allowed_fhir_server(hook_request: HookRequest, settings: Settings) -> str:
     fhir_server = (hook_request.fhirServer or settings.fhir_base_url).rstrip("/")
     if fhir_server not in {u.rstrip("/") for u in settings.fhir_allowlist}:
-        raise HookRefused(
-            _error(403, "fhirServer is not on this service's allowlist (MMCDS_FHIR_ALLOWLIST)")
+        raise Refused(
+            error(403, "fhirServer is not on this service's allowlist (MMCDS_FHIR_ALLOWLIST)")
         )
-    return hook_request, fhir_server
+    return fhir_server
 
 
-def _trigger(hook_request: HookRequest, fhir_server: str, request_id: str) -> Trigger:
+def _trigger(hook_request: HookRequest, patient_id: str, fhir_server: str, rid: str) -> Trigger:
     auth = hook_request.fhirAuthorization
-    encounter = hook_request.context.get("encounterId")
+    encounter = hook_request.context.encounterId
     return Trigger(
-        patient_id=str(hook_request.context["patientId"]),
+        patient_id=patient_id,
         fhir_server=fhir_server,
         token=auth.access_token if auth else None,
-        encounter=f"Encounter/{encounter}" if isinstance(encounter, str) else None,
-        request_id=request_id,
+        encounter=f"Encounter/{encounter}" if isinstance(encounter, str) and encounter else None,
+        request_id=rid,
+        prefetch=hook_request.prefetch,
     )
+
+
+def hook_cards(
+    service: HookService, result: AnalysisResult, orders: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """The analysis cards as this hook shows them (order hooks: beside the orders)."""
+    if not service.orders_hook:
+        return result.cards
+    cards = [order_card(card, orders) for card in result.cards]
+    if service.hook == "order-sign" and result.analysis is not None and cards:
+        cards[0] = with_suggestions(cards[0], reason_suggestions(result.analysis, orders))
+    return cards
 
 
 # --- the app ----------------------------------------------------------------------------------
@@ -208,22 +115,63 @@ def create_app(settings: Settings, pipeline: Pipeline | None = None) -> FastAPI:
     app = FastAPI(title="mmcds", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
     app.state.analysis = service
-    app.state.verifier = JwtVerifier(settings.trusted_issuers)
+    app.state.verifier = JwtVerifier(settings.trusted_issuers, replay=replay_cache(settings))
     app.state.outbox = service.outbox
+    app.state.feedback = FeedbackStore(settings.database_url)
+    # Browser CDS clients: the preflight (OPTIONS) is answered here, before any JWT check; the
+    # hook itself still needs its JWT. No cookies are used, so no credentials mode.
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=settings.cors_origins,
+        allow_methods=["GET", "POST", "OPTIONS"],
+        allow_headers=["Authorization", "Content-Type"],
+        max_age=600,
+    )
     app.include_router(router)
+    app.include_router(feedback_router)
+    app.openapi = _openapi_with_bodies(app)  # type: ignore[method-assign]
     return app
 
+
+def app_from_settings() -> FastAPI:
+    """The app from the environment's settings: the factory ``mmcds serve`` gives uvicorn,
+    which calls it once in each worker process."""
+    return create_app(get_settings())
+
+
+def _openapi_with_bodies(app: FastAPI) -> Callable[[], dict[str, Any]]:
+    """FastAPI's document plus the schemas of the bodies the POST routes read themselves (they
+    parse the bytes after the JWT check, so FastAPI does not see a body parameter)."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            document = generate()
+            schemas = document.setdefault("components", {}).setdefault("schemas", {})
+            for model in (HookRequest, FeedbackRequest):
+                schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                schemas.update(schema.pop("$defs", {}))
+                schemas[model.__name__] = schema
+            app.openapi_schema = document
+        return app.openapi_schema
+
+    return openapi
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody, "description": "the request cannot be used; the message says why"},
+    401: {"description": "JWT missing or not acceptable (no detail given)"},
+    403: {"model": ErrorBody, "description": "fhirServer not on the allowlist"},
+    404: {"model": ErrorBody, "description": "unknown service"},
+    413: {"model": ErrorBody, "description": "request body too large"},
+}
 
 router = APIRouter()
 
 
 @router.get("/cds-services", response_model=Discovery, response_model_exclude_none=True)
 def discovery() -> Discovery:
-    return Discovery(
-        services=[
-            ServiceDescription.model_validate({"id": sid, **spec}) for sid, spec in SERVICES.items()
-        ]
-    )
+    return Discovery(services=[s.describe() for s in SERVICES.values()])
 
 
 @router.get("/healthz")
@@ -243,34 +191,62 @@ def model_card(settings: SettingsDep, service: AnalysisDep) -> str:
     "/cds-services/{service_id}",
     response_model=CardsResponse,
     response_model_exclude_none=True,
-    responses={400: {}, 401: {}, 403: {}, 404: {}, 413: {}},
+    responses={
+        **ERRORS,
+        412: {
+            "model": OperationOutcome,
+            "description": "required data neither prefetched nor readable from fhirServer",
+        },
+    },
+    openapi_extra=json_body(HookRequest),
 )
 async def hook(
-    service_id: str,
+    service_id: ServiceIdParam,
     request: Request,
     settings: SettingsDep,
     service: AnalysisDep,
     verifier: VerifierDep,
+    feedback: FeedbackDep,
 ) -> Any:
     request_id = str(uuid.uuid4())
-    if service_id not in SERVICES:
-        return _error(404, f"unknown CDS service {service_id!r}; see GET /cds-services")
-    body = await _read_bounded(request, settings.max_request_bytes)
-    if body is None:
-        return _error(413, f"request body over {settings.max_request_bytes} bytes")
-    endpoint = f"{settings.public_base_url.rstrip('/')}/cds-services/{service_id}"
+    spec = SERVICES.get(service_id)
+    if spec is None:
+        return error(404, f"unknown CDS service {service_id!r}; see GET /cds-services")
     try:
-        claims = verifier.verify(request.headers.get("authorization"), endpoint)
-    except AuthError as exc:
-        log.warning("hook %s rejected: %s", request_id, exc)
-        return JSONResponse({}, status_code=401)
-    try:
-        hook_request, fhir_server = _parse_hook(service_id, body, settings)
-    except HookRefused as refused:
+        claims, data = await admit(request, settings, verifier, f"/cds-services/{service_id}")
+        hook_request = validated(HookRequest, data)
+        if hook_request.hook != spec.hook:
+            raise Refused(
+                error(400, f"service {service_id} answers {spec.hook}, not {hook_request.hook}")
+            )
+        context = hook_request.context.model_dump(exclude_none=True)
+        patient_id = check_context(spec, context)
+        fhir_server = allowed_fhir_server(hook_request, settings)
+    except Refused as refused:
         return refused.response
+    except ContextRejected as exc:
+        return error(400, str(exc))
     log.info("hook %s jti=%s instance=%s", request_id, claims.get("jti"), hook_request.hookInstance)
+    orders = imaging_orders_of(spec, context) if spec.orders_hook else []
+    if spec.orders_hook and not orders:
+        return {"cards": []}  # not an imaging order: nothing to say, nothing analysed
+    trigger = _trigger(hook_request, patient_id, fhir_server, request_id)
     # The analysis is CPU-bound: run it off the event loop.
-    result = await run_in_threadpool(
-        service.analyse, _trigger(hook_request, fhir_server, request_id)
-    )
-    return {"cards": result.cards}
+    result = await run_in_threadpool(service.analyse, trigger)
+    if result.fhir_unreachable:
+        outcome = operation_outcome(
+            "not-found",
+            f"required data (the Patient) was not prefetched and could not be read from "
+            f"fhirServer: {result.unavailable}",
+        )
+        return JSONResponse(outcome, status_code=412)
+    cards = hook_cards(spec, result, orders)
+    if result.analysis is not None:  # feedback names only the card: remember its analysis
+        uuids = [u for card in cards for u in card_uuids(card)]
+        await run_in_threadpool(
+            feedback.link_cards, uuids, result.analysis.identifier, service_id=service_id
+        )
+    answer = {"cards": cards}
+    for problem in problems_cards_response(answer):  # our bug, not the EHR's: say so loudly
+        log.error("hook %s: response breaks CDS Hooks 2.0: %s", request_id, problem)
+    return answer

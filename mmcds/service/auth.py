@@ -13,7 +13,6 @@ answer is a bare 401.
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -24,30 +23,11 @@ from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
 
 from mmcds.errors import AuthError
+from mmcds.service.replay import MemoryReplayCache, SeenTokens
 
 ASYMMETRIC_ALGS = ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512"]
 LEEWAY_S = 60
 MAX_LIFETIME_S = 3600
-
-
-class ReplayCache:
-    """``jti`` values seen until their token expires. In-process; one per service worker."""
-
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
-        self._seen: dict[str, float] = {}
-        self._lock = threading.Lock()
-        self._clock = clock
-
-    def check_and_add(self, key: str, expires_at: float) -> bool:
-        """True if new (and now recorded), False if it was already seen."""
-        now = self._clock()
-        with self._lock:
-            if len(self._seen) > 10_000:
-                self._seen = {k: exp for k, exp in self._seen.items() if exp > now}
-            if key in self._seen and self._seen[key] > now:
-                return False
-            self._seen[key] = expires_at + LEEWAY_S
-            return True
 
 
 class JwksSource:
@@ -89,13 +69,13 @@ class JwtVerifier:
         self,
         trusted_issuers: dict[str, str],
         *,
-        replay: ReplayCache | None = None,
+        replay: SeenTokens | None = None,
         clock: Callable[[], float] = time.time,
         http: httpx.Client | None = None,
     ) -> None:
         self._http = http or httpx.Client(timeout=5.0)
         self._sources = {iss: JwksSource(spec, self._http) for iss, spec in trusted_issuers.items()}
-        self._replay = replay or ReplayCache(clock)
+        self._replay = replay or MemoryReplayCache(clock)
         self._clock = clock
 
     def verify(self, authorization: str | None, audience: str) -> dict[str, Any]:
@@ -139,7 +119,7 @@ class JwtVerifier:
             raise AuthError("iat in the future or lifetime too long")
         if not isinstance(jti, str) or not jti:
             raise AuthError("jti is required")
-        if not self._replay.check_and_add(f"{claims['iss']}|{jti}", float(exp)):
+        if not self._replay.check_and_add(f"{claims['iss']}|{jti}", float(exp) + LEEWAY_S):
             raise AuthError("jti replayed")
 
 

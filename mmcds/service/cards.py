@@ -9,13 +9,16 @@ same.
 
 from __future__ import annotations
 
+import copy
 import uuid
 from typing import Any
 
 from mmcds.explain.wording import plain_line
-from mmcds.records import Analysis, Explanation
+from mmcds.findings import finding
+from mmcds.records import Analysis, Explanation, Level
 from mmcds.service.outbox import Delivery
 
+SNOMED = "http://snomed.info/sct"
 OVERRIDE_REASONS = [
     {"code": "disagree", "system": "urn:mmcds:override-reason", "display": "Clinically disagree"},
     {"code": "already-known", "system": "urn:mmcds:override-reason", "display": "Already known"},
@@ -74,3 +77,73 @@ def delivery_note(delivery: Delivery | None) -> str:
     return (
         "\n\nThe report could not be written back to the EHR yet; it is queued and will be retried."
     )
+
+
+def order_card(card: dict[str, Any], orders: list[dict[str, Any]]) -> dict[str, Any]:
+    """The analysis card shown beside draft imaging orders: same findings and evidence, with
+    the orders it was shown for named in the detail."""
+    names = ", ".join(_order_name(o) for o in orders)
+    detail = f"{card['detail']}\n\nShown while ordering: {names}."
+    return {**card, "uuid": str(uuid.uuid4()), "detail": detail}
+
+
+def _order_name(order: dict[str, Any]) -> str:
+    code = order.get("code") or {}
+    coding: dict[str, Any] = next(iter(code.get("coding") or []), {})
+    return str(code.get("text") or coding.get("display") or coding.get("code") or "imaging order")
+
+
+def reason_suggestions(analysis: Analysis, orders: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """order-sign: per assessed finding at ``warning`` or above and per order that does not
+    carry it yet, a suggestion to add it as the order's ``reasonCode`` (an ``update`` action
+    on the draft ServiceRequest). Findings not assessed (not validated, abstained, too few
+    inputs) never suggest anything (DESIGN §8)."""
+    suggestions = []
+    for score in analysis.assessment.findings:
+        if not score.assessed or score.level == Level.info:
+            continue
+        entry = finding(score.finding)
+        for order in orders:
+            present = {
+                c.get("code") for r in order.get("reasonCode") or [] for c in r.get("coding") or []
+            }
+            if entry.snomed in present:
+                continue
+            updated = copy.deepcopy(order)
+            updated["reasonCode"] = [
+                *(order.get("reasonCode") or []),
+                {
+                    "coding": [
+                        {"system": SNOMED, "code": entry.snomed, "display": entry.display}
+                    ],
+                    "text": f"{entry.display} (suspected; AI-assisted, preliminary)",
+                },
+            ]
+            suggestions.append(
+                {
+                    "label": f"Add suspected {entry.display.lower()} as the reason for "
+                    f"{_order_name(order)}"[:120],
+                    "uuid": str(uuid.uuid4()),
+                    "actions": [
+                        {
+                            "type": "update",
+                            "description": f"Add {entry.display} (SNOMED {entry.snomed}) "
+                            "to the order's reasonCode",
+                            "resource": updated,
+                        }
+                    ],
+                }
+            )
+    return suggestions
+
+
+def with_suggestions(card: dict[str, Any], suggestions: list[dict[str, Any]]) -> dict[str, Any]:
+    """Suggestions need a ``selectionBehavior`` (CDS Hooks 2.0); none: the card unchanged."""
+    if not suggestions:
+        return card
+    return {**card, "suggestions": suggestions, "selectionBehavior": "any"}
+
+
+def card_uuids(card: dict[str, Any]) -> list[str]:
+    """The card's uuid and its suggestions': what feedback may name."""
+    return [card["uuid"], *(s["uuid"] for s in card.get("suggestions") or [])]

@@ -5,90 +5,26 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
+import base64
 from pathlib import Path
 from typing import Any
 
 import pytest
-from fastapi.testclient import TestClient
 from joserfc.jwk import ECKey
 
-from mmcds.dev.servers import free_port
 from mmcds.fhir.client import FhirClient
 from mmcds.fhir.dicomweb import DicomWebClient
 from mmcds.fhir.gather import gather_patient
 from mmcds.fhir.load import load_folder
 from mmcds.findings import SYNTH_FINDINGS, finding
 from mmcds.fusion.pipeline import Pipeline
-from mmcds.service.api import create_app
 from mmcds.service.auth import sign_hook_jwt
-from mmcds.settings import Settings
-from mmcds.synth import generate_cohort
 
 ISSUER = "https://ehr.test.mmcds.local"
 KID = "test-key-1"
 BASE = "http://testserver"
 ENDPOINT = f"{BASE}/cds-services/mmcds-patient-view"
-
-
-@pytest.fixture(scope="session")
-def ehr_key() -> ECKey:
-    return ECKey.generate_key("P-384", parameters={"kid": KID})
-
-
-@pytest.fixture(scope="session")
-def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
-    root = tmp_path_factory.mktemp("models")
-    settings = Settings(model_dir=root, database_url=f"sqlite:///{root / 'cache.db'}")
-    return Pipeline.from_settings(settings)
-
-
-@pytest.fixture(scope="session")
-def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("cohort")
-    generate_cohort(out, patients=2, seed=11)
-    return out
-
-
-def _settings(ehr_key: ECKey, fhir_urls: list[str], pacs: Any, database: Path) -> Settings:
-    jwks = json.dumps({"keys": [ehr_key.as_dict(private=False)]})
-    user, password = pacs.auth
-    return Settings(
-        public_base_url=BASE,
-        fhir_allowlist=fhir_urls,
-        fhir_base_url=fhir_urls[0],
-        dicomweb_url=pacs.dicomweb_url,
-        dicomweb_user=user,
-        dicomweb_password=password,
-        trusted_issuers={ISSUER: jwks},
-        database_url=f"sqlite:///{database}",
-    )
-
-
-@dataclass
-class HookCaller:
-    """An EHR's side of the conversation: signs a JWT and posts a hook request."""
-
-    client: TestClient
-    key: ECKey
-    dead_fhir: str  # an allow-listed FHIR URL where nothing listens
-
-    def __call__(
-        self, body: dict[str, Any], *, service: str = "mmcds-patient-view", token: str | None = None
-    ) -> Any:
-        token = token or sign_hook_jwt(self.key, issuer=ISSUER, audience=ENDPOINT, kid=KID)
-        return self.client.post(
-            f"/cds-services/{service}", json=body, headers={"Authorization": f"Bearer {token}"}
-        )
-
-
-@pytest.fixture
-def call_hook(
-    ehr_key: ECKey, pipeline: Pipeline, fhir_url: str, dicomweb: Any, tmp_path: Path
-) -> Iterator[HookCaller]:
-    dead_fhir = f"http://127.0.0.1:{free_port()}/fhir/R4"
-    settings = _settings(ehr_key, [fhir_url, dead_fhir], dicomweb, tmp_path / "service.db")
-    with TestClient(create_app(settings, pipeline)) as client:
-        yield HookCaller(client, ehr_key, dead_fhir)
+HookCaller = Any  # tests/service/conftest.py
 
 
 def _request(fhir_url: str, patient_id: str | None) -> dict[str, Any]:
@@ -217,13 +153,14 @@ def test_replayed_token_is_refused(call_hook: HookCaller, fhir_url: str, ehr_key
     assert call_hook(_request(fhir_url, None), token=token).status_code == 401
 
 
-def test_fhir_server_down_gives_a_degraded_card_and_service_keeps_serving(
+def test_fhir_server_down_gives_412_and_service_keeps_serving(
     call_hook: HookCaller, cohort: Path, fhir_url: str, dicomweb: Any
 ) -> None:
+    # CDS Hooks 2.0: required data neither prefetched nor readable -> 412 + OperationOutcome
     down = call_hook(_request(call_hook.dead_fhir, "anyone"))
-    assert down.status_code == 200
-    (card,) = down.json()["cards"]
-    assert "unavailable" in card["summary"]
+    assert down.status_code == 412
+    assert down.json()["resourceType"] == "OperationOutcome"
+    assert "unavailable" in down.json()["issue"][0]["diagnostics"]
 
     patient_id = _load(cohort, fhir_url, dicomweb)[0]
     assert call_hook(_request(fhir_url, patient_id)).status_code == 200
