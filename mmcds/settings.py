@@ -72,6 +72,21 @@ class Settings(BaseSettings):
     # Seconds between retries of undelivered write-backs (the backoff per report grows from 2 s).
     outbox_interval_s: float = 5.0
 
+    # --- Answer fast (mmcds.service.fast_path, queue, notify) ---------------------------------
+    # A hook answers from the stored analysis when it is current, else within this budget with
+    # the "analysis in progress" card (or no card) while a worker analyses the patient.
+    hook_budget_ms: int = 400
+    hook_miss: Literal["in-progress", "no-card"] = "in-progress"
+    # The durable work queue (procrastinate) on PostgreSQL: a SQLAlchemy or libpq URL. Empty:
+    # the database_url when that is PostgreSQL; with neither, a miss cannot queue (it says so).
+    queue_url: str | None = None
+    queue_schema: str = "mmcds_queue"
+    # Shared secret a FHIR server's rest-hook Subscription sends (`Authorization: Bearer ...`)
+    # to POST /fhir-notify. Empty: the endpoint refuses every notification.
+    notify_secret: str | None = None
+    # Stored answers kept in each service process's memory (checked for currency on every hook).
+    answer_cache_size: int = 10_000
+
     # Input bounds: reject with a clear error beyond these.
     max_request_bytes: int = 1_000_000
     max_note_chars: int = 200_000

@@ -24,9 +24,18 @@ from mmcds.fhir.report import report_bundle
 from mmcds.fhir.writeback import send_bundle
 from mmcds.fusion.pipeline import Pipeline
 from mmcds.records import Analysis, Explanation, PatientRecord, content_hash
-from mmcds.service.analysis_store import AnalysisStore
-from mmcds.service.cards import analysis_card, delivery_note, unavailable_card
+from mmcds.service.analysis_store import AnalysisStore, StoredAnswer
+from mmcds.service.cards import analysis_card, delivery_note, in_progress_card, unavailable_card
+from mmcds.service.fast_path import (
+    AnswerCache,
+    CurrencyError,
+    FastAnswer,
+    FastPath,
+    State,
+    fingerprint_sync,
+)
 from mmcds.service.outbox import Delivery, Outbox
+from mmcds.service.queue import WorkQueue, queue_conninfo
 from mmcds.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -72,6 +81,7 @@ class AnalysisService:
         pipeline: Pipeline | None = None,
         analyses: AnalysisStore | None = None,
         outbox: Outbox | None = None,
+        queue: WorkQueue | None = None,
     ) -> None:
         self.settings = settings
         self.analyses = analyses or AnalysisStore(settings.database_url)
@@ -89,6 +99,19 @@ class AnalysisService:
         # Two cores: one analysis at a time keeps the answer time predictable instead of
         # letting concurrent hooks thrash each other's torch threads.
         self._model_lock = threading.Lock()
+        # The fast path (mmcds.service.fast_path): stored answers + the work queue. Without a
+        # PostgreSQL for the queue, a miss still answers at once but cannot queue work.
+        if queue is None and queue_conninfo(settings) is not None:
+            queue = WorkQueue(settings, handler=self.run_job)
+        self.queue = queue
+        self.answers = AnswerCache(self.analyses, settings.answer_cache_size)
+        self.fast = FastPath(
+            self.answers,
+            queue.defer_async if queue is not None else None,
+            budget_ms=settings.hook_budget_ms,
+            in_progress=self._in_progress_cards,
+            timeout_s=settings.fhir_timeout_s,
+        )
 
     @property
     def pipeline(self) -> Pipeline:
@@ -155,6 +178,54 @@ class AnalysisService:
     def send(self, fhir_server: str, bundle: dict[str, Any]) -> str | None:
         """The outbox's ``Send``: one transaction to ``fhir_server``."""
         return send_bundle(fhir_server, bundle, timeout_s=self.settings.fhir_timeout_s)
+
+    # --- answer fast: hooks read stored answers, workers compute them -----------------------
+
+    async def answer(self, trigger: Trigger) -> AnalysisResult:
+        """A hook's answer without gathering or encoding: the stored cards when the patient's
+        inputs are unchanged, else (queued) "analysis in progress", within the budget."""
+        fast: FastAnswer = await self.fast.answer(
+            trigger.fhir_server, trigger.patient_id, trigger.token
+        )
+        log.info("hook %s: %s%s", trigger.request_id, fast.state, " (queued)" * fast.queued)
+        if fast.state == "unavailable":
+            return self._unavailable(fast.reason or "the FHIR server is unavailable")
+        return AnalysisResult(cards=fast.cards)
+
+    def ingest(self, fhir_server: str, patient_ids: list[str], *, now: bool = False) -> list[str]:
+        """Queue (or, ``now``, run here) the analysis of each patient; one state word each."""
+        states = []
+        for patient_id in patient_ids:
+            if now or self.queue is None:
+                try:
+                    result = self.run_job(fhir_server, patient_id)
+                except CurrencyError as exc:
+                    states.append(str(exc))
+                    continue
+                states.append(result.unavailable or "analysed")
+            else:
+                states.append("queued" if self.queue.defer(fhir_server, patient_id) else "waiting")
+        return states
+
+    def run_job(self, fhir_server: str, patient_id: str) -> AnalysisResult:
+        """A queue job: analyse the patient, write the report back, store the answer.
+
+        The fingerprint is taken *before* gathering: data that changes while the analysis runs
+        leaves the stored answer stale, so the next hook queues another run."""
+        current = fingerprint_sync(fhir_server, patient_id, timeout_s=self.settings.fhir_timeout_s)
+        result = self.analyse(Trigger(patient_id=patient_id, fhir_server=fhir_server))
+        if result.analysis is not None:
+            answer = StoredAnswer(
+                fhir_server, patient_id, result.analysis.identifier, current, result.cards
+            )
+            self.analyses.put_answer(answer)
+            self.answers.remember(answer)
+        return result
+
+    def _in_progress_cards(self, state: State, queued: bool) -> list[dict[str, Any]]:
+        if self.settings.hook_miss == "no-card":
+            return []
+        return [in_progress_card(state, queued, self.model_card_url)]
 
     # --- helpers ----------------------------------------------------------------------------
 

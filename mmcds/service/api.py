@@ -20,12 +20,12 @@ import torch
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from starlette.concurrency import run_in_threadpool
 
 from mmcds.fusion.model import CARD_NAME, default_card
 from mmcds.fusion.pipeline import Pipeline
 from mmcds.service.analysis import AnalysisService, Trigger
 from mmcds.service.auth import AuthError, JwtVerifier
+from mmcds.service.notify import router as notify_router
 from mmcds.service.outbox import OutboxWorker
 from mmcds.settings import Settings
 
@@ -200,10 +200,15 @@ def create_app(settings: Settings, pipeline: Pipeline | None = None) -> FastAPI:
         torch.set_num_threads(settings.torch_threads)  # process-wide: this process serves
         worker = OutboxWorker(service.outbox, service.send, settings.outbox_interval_s)
         worker.start()
+        if service.queue is not None:  # the queue the fast path defers misses to
+            await service.queue.open_async()
         try:
             yield
         finally:
             worker.stop()
+            await service.fast.aclose()
+            if service.queue is not None:
+                await service.queue.close_async()
 
     app = FastAPI(title="mmcds", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
@@ -211,6 +216,7 @@ def create_app(settings: Settings, pipeline: Pipeline | None = None) -> FastAPI:
     app.state.verifier = JwtVerifier(settings.trusted_issuers)
     app.state.outbox = service.outbox
     app.include_router(router)
+    app.include_router(notify_router)  # FHIR Subscription rest-hook -> work queue
     return app
 
 
@@ -269,8 +275,6 @@ async def hook(
     except HookRefused as refused:
         return refused.response
     log.info("hook %s jti=%s instance=%s", request_id, claims.get("jti"), hook_request.hookInstance)
-    # The analysis is CPU-bound: run it off the event loop.
-    result = await run_in_threadpool(
-        service.analyse, _trigger(hook_request, fhir_server, request_id)
-    )
+    # Never an analysis on the hook's path: the stored answer, or "in progress" (fast_path).
+    result = await service.answer(_trigger(hook_request, fhir_server, request_id))
     return {"cards": result.cards}

@@ -55,3 +55,24 @@ def delivery_note(delivery: Delivery | None) -> str:
     return (
         "\n\nThe report could not be written back to the EHR yet; it is queued and will be retried."
     )
+
+
+def in_progress_card(state: str, queued: bool, model_card_url: str) -> dict[str, Any]:
+    """A hook's answer while the patient's analysis is not (or no longer) current."""
+    why = {
+        "stale": "The patient's data changed since the last AI analysis",
+        "over-budget": "The patient's data could not be checked within the time allowed",
+    }.get(state, "No AI analysis of this patient's current data exists yet")
+    then = (
+        "it is queued and the report will be written back to the record when done"
+        if queued or state == "over-budget"
+        else "it is being prepared"
+    )
+    return {
+        "uuid": str(uuid.uuid4()),
+        "summary": "AI risk summary: analysis in progress",
+        "indicator": "info",
+        "detail": f"{why}; {then}. No assessment is shown until it is complete; nothing here "
+        "should be read as a negative result.",
+        "source": {"label": "mmcds", "url": model_card_url},
+    }
