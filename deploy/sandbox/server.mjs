@@ -27,6 +27,7 @@ import {
   validateResource,
 } from '@medplum/core';
 import { FhirRouter, MemoryRepository } from '@medplum/fhir-router';
+import { SubscriptionNotifier } from './subscriptions.mjs';
 
 const BASE = '/fhir/R4';
 const PORT = Number(process.argv[2] ?? process.env.PORT ?? 8103);
@@ -116,7 +117,9 @@ class SandboxRepository extends MemoryRepository {
     validateResource(resource); // throws OperationOutcomeError (400) listing every issue
     const withId = resource.id ? resource : { ...resource, id: this.generateId() };
     this.#remember(withId.resourceType, withId.id);
-    return super.createResource(withId, options);
+    const saved = await super.createResource(withId, options);
+    notifier.record(saved); // R4 rest-hook Subscriptions hear of it once the request is done
+    return saved;
   }
 
   async deleteResource(resourceType, id) {
@@ -167,6 +170,7 @@ class SandboxRepository extends MemoryRepository {
 }
 
 const repo = new SandboxRepository();
+const notifier = new SubscriptionNotifier((type, query) => conditionalSearch(type, query));
 const router = new FhirRouter();
 
 // One request at a time: transactions are then isolated and conditional creates cannot race.
@@ -430,6 +434,7 @@ function entryResponse(outcome, resource) {
     response.etag = `W/"${resource.meta?.versionId}"`;
     response.lastModified = resource.meta?.lastUpdated;
   }
+  if (resource?.resourceType === 'Bundle' && !resource.id) return { response, resource }; // a search
   return resource?.id ? { response, resource } : { response: { ...response, outcome } };
 }
 
@@ -609,7 +614,16 @@ async function handle(req, res) {
       throw new HttpError(404, `Not found; the FHIR base is ${BASE}`);
     // Read the body before taking the lock, so a slow upload does not stall other clients.
     const body = parseBody(await readBody(req), req.headers['content-type'], pathname.split('/')[3]);
-    const [outcome, resource] = await serialized(() => route(req, baseUrl, body));
+    const [outcome, resource, written] = await serialized(async () => {
+      try {
+        const [o, r] = await route(req, baseUrl, body);
+        return [o, r, notifier.take()];
+      } catch (err) {
+        notifier.take(); // a failed (rolled back) write notifies nobody
+        throw err;
+      }
+    });
+    if (isOk(outcome)) res.once('finish', () => void notifier.deliver(written, serialized));
     const status = getStatus(outcome);
     if (!resource) return send(res, status, outcome);
     if (/return=minimal/.test(req.headers.prefer ?? '') && /-response$/.test(resource.type ?? '')) {
