@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 import typer
 import uvicorn
+from fastapi import FastAPI
 from joserfc.jwk import ECKey
 
 from mmcds.dev.demo_model import ensure_demo_model
@@ -37,10 +38,11 @@ DEMO_KID = "demo-ehr-key-1"
 
 
 @contextlib.contextmanager
-def running_service(settings: Settings) -> Iterator[str]:
-    """Serve the app with uvicorn in a thread; yields its base URL."""
+def running_service(settings: Settings, app: FastAPI | None = None) -> Iterator[str]:
+    """Serve the app (default: ``create_app(settings)``) with uvicorn in a thread; yields its
+    base URL."""
     config = uvicorn.Config(
-        create_app(settings), host=settings.host, port=settings.port, log_level="warning"
+        app or create_app(settings), host=settings.host, port=settings.port, log_level="warning"
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
