@@ -116,6 +116,7 @@ def demo_service(
     fhir_url: str | None = None,
     dicomweb_url: str | None = None,
     echo: Callable[[str], None] = typer.echo,
+    ingest: bool = True,
 ) -> Iterator[DemoService]:
     """Servers, a trained model, synthetic patients loaded, the service running."""
     base = get_settings()
@@ -153,7 +154,12 @@ def demo_service(
                 "database_url": f"sqlite:///{Path(tmp) / 'service.db'}",
             }
         )
-        with running_service(settings) as url:
+        app = create_app(settings)
+        if ingest:  # analyses are computed when data arrives, so hooks answer from them
+            started = time.perf_counter()
+            app.state.analysis.ingest(fhir_base, ids, now=True)
+            echo(f"ingested {len(ids)} patients in {time.perf_counter() - started:.1f} s")
+        with running_service(settings, app) as url:
             yield DemoService(settings, url, fhir_base, ids, key)
 
 

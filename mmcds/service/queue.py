@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 QUEUE = "mmcds"
 TASK = "mmcds.analyse_patient"
-Handler = Callable[[str, str], None]  # (fhir server, patient id): analyse and store
+Handler = Callable[[str, str], object]  # (fhir server, patient id): analyse and store
 
 
 class QueueUnavailable(ConfigurationError):
