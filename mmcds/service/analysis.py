@@ -25,7 +25,13 @@ from mmcds.fhir.writeback import send_bundle
 from mmcds.fusion.pipeline import Pipeline
 from mmcds.records import Analysis, Explanation, PatientRecord, content_hash
 from mmcds.service.analysis_store import AnalysisStore, StoredAnswer
-from mmcds.service.cards import analysis_card, delivery_note, in_progress_card, unavailable_card
+from mmcds.service.cards import (
+    analysis_card,
+    delivery_note,
+    in_progress_card,
+    unavailable_card,
+    unverified_cards,
+)
 from mmcds.service.fast_path import (
     AnswerCache,
     CurrencyError,
@@ -190,6 +196,8 @@ class AnalysisService:
         log.info("hook %s: %s%s", trigger.request_id, fast.state, " (queued)" * fast.queued)
         if fast.state == "unavailable":
             return self._unavailable(fast.reason or "the FHIR server is unavailable")
+        if fast.unverified is not None:  # said so on the card: it may predate new data
+            return AnalysisResult(cards=unverified_cards(fast.cards))
         return AnalysisResult(cards=fast.cards)
 
     def ingest(self, fhir_server: str, patient_ids: list[str], *, now: bool = False) -> list[str]:

@@ -76,3 +76,12 @@ def in_progress_card(state: str, queued: bool, model_card_url: str) -> dict[str,
         "should be read as a negative result.",
         "source": {"label": "mmcds", "url": model_card_url},
     }
+
+
+def unverified_cards(cards: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The last stored answer when there was no time to check it is current: said so."""
+    note = (
+        "\n\n_Not confirmed current: the patient's data could not be checked within the time "
+        "allowed, so this analysis may predate the newest results._"
+    )
+    return [{**card, "detail": card.get("detail", "") + note} for card in cards]

@@ -169,6 +169,11 @@ class AnswerCache:
                     self._rows.popitem(last=False)
         return row
 
+    def peek(self, fhir_server: str, patient_id: str) -> StoredAnswer | None:
+        """The answer in memory, unchecked (when there is no time left to check)."""
+        with self._lock:
+            return self._rows.get((fhir_server, patient_id))
+
     def remember(self, answer: StoredAnswer) -> None:
         with self._lock:
             self._rows[(answer.fhir_server, answer.patient_id)] = answer
@@ -180,6 +185,7 @@ class FastAnswer:
     cards: list[dict[str, Any]]
     queued: bool = False
     reason: str | None = None  # why the data could not be checked (``unavailable``)
+    unverified: StoredAnswer | None = None  # over budget: the last answer, currency unknown
 
 
 Enqueue = Callable[[str, str], Awaitable[bool]]  # (fhir server, patient id) -> newly queued
@@ -226,6 +232,9 @@ class FastPath:
         # enqueue it leads to) finish in the background.
         self._background.add(work)
         work.add_done_callback(self._finished)
+        stored = self.cache.peek(fhir_server, patient_id)
+        if stored is not None:
+            return FastAnswer("over-budget", stored.cards, unverified=stored)
         return FastAnswer("over-budget", self.in_progress("over-budget", False))
 
     def _finished(self, task: asyncio.Task[Any]) -> None:
