@@ -84,6 +84,11 @@ class Settings(BaseSettings):
     # Shared secret a FHIR server's rest-hook Subscription sends (`Authorization: Bearer ...`)
     # to POST /fhir-notify. Empty: the endpoint refuses every notification.
     notify_secret: str | None = None
+    # How a hook knows a stored answer is current. "fhir": ask the FHIR server (one batch
+    # request per hook). "notifications": trust the FHIR server's Subscriptions to /fhir-notify
+    # to mark answers stale (no FHIR request on the hook's path; needs every watched type
+    # subscribed, and a missed notification leaves an answer outdated until the next ingest).
+    currency_check: Literal["fhir", "notifications"] = "fhir"
     # Stored answers kept in each service process's memory (checked for currency on every hook).
     answer_cache_size: int = 10_000
 

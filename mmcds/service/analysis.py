@@ -24,7 +24,7 @@ from mmcds.fhir.report import report_bundle
 from mmcds.fhir.writeback import send_bundle
 from mmcds.fusion.pipeline import Pipeline
 from mmcds.records import Analysis, Explanation, PatientRecord, content_hash
-from mmcds.service.analysis_store import AnalysisStore, StoredAnswer
+from mmcds.service.analysis_store import STALE, AnalysisStore, StoredAnswer
 from mmcds.service.cards import (
     analysis_card,
     delivery_note,
@@ -117,6 +117,7 @@ class AnalysisService:
             budget_ms=settings.hook_budget_ms,
             in_progress=self._in_progress_cards,
             timeout_s=settings.fhir_timeout_s,
+            trust_notifications=settings.currency_check == "notifications",
         )
 
     @property
@@ -222,6 +223,9 @@ class AnalysisService:
         leaves the stored answer stale, so the next hook queues another run."""
         current = fingerprint_sync(fhir_server, patient_id, timeout_s=self.settings.fhir_timeout_s)
         result = self.analyse(Trigger(patient_id=patient_id, fhir_server=fhir_server))
+        after = fingerprint_sync(fhir_server, patient_id, timeout_s=self.settings.fhir_timeout_s)
+        if after != current:  # data arrived while it ran: stored, but stale from the start
+            current = STALE
         if result.analysis is not None:
             answer = StoredAnswer(
                 fhir_server, patient_id, result.analysis.identifier, current, result.cards

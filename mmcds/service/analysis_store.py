@@ -90,6 +90,9 @@ class StoredAnswer:
     cards: list[dict[str, Any]]
 
 
+STALE = "stale"  # a fingerprint no input set has: the answer is known to be out of date
+
+
 def answer_key(fhir_server: str, patient_id: str) -> str:
     return hashlib.sha256(f"{fhir_server.rstrip('/')}|{patient_id}".encode()).hexdigest()
 
@@ -321,3 +324,13 @@ class AnalysisStore:
         return StoredAnswer(
             row.fhir_server, row.patient_id, row.analysis_id, row.fingerprint, json.loads(row.cards)
         )
+
+    def mark_stale(self, fhir_server: str, patient_id: str) -> bool:
+        """A notification said the patient's data changed; False when no answer is stored."""
+        t = self.answers
+        key = answer_key(fhir_server, patient_id)
+        with self.engine.begin() as conn:
+            done = conn.execute(
+                t.update().where(t.c.key == key).values(fingerprint=STALE, updated_at=func.now())
+            )
+        return bool(done.rowcount)

@@ -31,7 +31,7 @@ from urllib.parse import urlencode
 import httpx
 
 from mmcds.errors import UpstreamUnavailable
-from mmcds.service.analysis_store import AnalysisStore, StoredAnswer
+from mmcds.service.analysis_store import STALE, AnalysisStore, StoredAnswer
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ class AnswerCache:
     """
 
     def __init__(self, store: AnalysisStore, size: int) -> None:
-        self._store, self._size = store, size
+        self.store, self._size = store, size
         self._rows: OrderedDict[tuple[str, str], StoredAnswer] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -159,7 +159,7 @@ class AnswerCache:
             if row is not None:
                 self._rows.move_to_end(key)
         if row is None or row.fingerprint != fingerprint:
-            row = self._store.get_answer(fhir_server, patient_id)
+            row = self.store.get_answer(fhir_server, patient_id)
             if row is None:
                 return None
             with self._lock:
@@ -202,6 +202,7 @@ class FastPath:
         budget_ms: int,
         in_progress: Callable[[State, bool], list[dict[str, Any]]],
         timeout_s: float,
+        trust_notifications: bool = False,
     ) -> None:
         self.cache, self.enqueue = cache, enqueue
         self.budget_s = budget_ms / 1000
@@ -209,6 +210,7 @@ class FastPath:
         self._http: httpx.AsyncClient | None = None
         self._timeout_s = timeout_s
         self._background: set[asyncio.Task[Any]] = set()
+        self.trust_notifications = trust_notifications
 
     def http(self) -> httpx.AsyncClient:
         # Made on first use, inside the server's event loop; kept alive: a pooled connection
@@ -243,6 +245,8 @@ class FastPath:
             log.warning("background currency check failed: %s", task.exception())
 
     async def _answer(self, fhir_server: str, patient_id: str, token: str | None) -> FastAnswer:
+        if self.trust_notifications:
+            return await self._answer_notified(fhir_server, patient_id)
         try:
             current = await fingerprint_async(self.http(), fhir_server, patient_id, token)
         except CurrencyError as exc:
@@ -253,6 +257,17 @@ class FastPath:
         # The database read is sync SQLAlchemy; a memory hit never leaves the event loop.
         stored = self.cache.lookup(fhir_server, patient_id, current)
         if stored is not None and stored.fingerprint == current:
+            return FastAnswer("current", stored.cards)
+        state: State = "miss" if stored is None else "stale"
+        queued = await self.enqueue(fhir_server, patient_id) if self.enqueue else False
+        return FastAnswer(state, self.in_progress(state, self.enqueue is not None), queued)
+
+    async def _answer_notified(self, fhir_server: str, patient_id: str) -> FastAnswer:
+        """MMCDS_CURRENCY_CHECK=notifications: the stored row says whether it is current
+        (``/fhir-notify`` marks it stale), read from the database on every hook so that every
+        process sees a mark at once. No FHIR request."""
+        stored = self.cache.store.get_answer(fhir_server, patient_id)
+        if stored is not None and stored.fingerprint != STALE:
             return FastAnswer("current", stored.cards)
         state: State = "miss" if stored is None else "stale"
         queued = await self.enqueue(fhir_server, patient_id) if self.enqueue else False

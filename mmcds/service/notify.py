@@ -105,6 +105,7 @@ async def fhir_notify(
         return JSONResponse({"error": "no work queue is configured"}, status_code=503)
     queued = 0
     for patient_id in sorted(patients):
+        service.analyses.mark_stale(server, patient_id)  # hooks stop serving it at once
         queued += await service.queue.defer_async(server, patient_id)
     log.info("FHIR notification: %d patient(s), %d job(s) queued", len(patients), queued)
     return JSONResponse({"patients": len(patients), "queued": queued})

@@ -331,3 +331,28 @@ def test_no_card_on_a_miss_when_so_configured(setup: Setup, models: Pipeline) ->
     settings = setup.settings.model_copy(update={"hook_miss": "no-card"})
     with TestClient(create_app(settings, models)) as client:
         assert setup.hook(client.post, setup.patient_ids[0]).json() == {"cards": []}
+
+
+def test_notification_mode_hooks_trust_the_subscription_marks(
+    setup: Setup, models: Pipeline
+) -> None:
+    settings = setup.settings.model_copy(update={"currency_check": "notifications"})
+    app = create_app(settings, models)
+    patient = setup.patient_ids[0]
+    with TestClient(app) as client:
+        service: AnalysisService = app.state.analysis
+        assert service.ingest(setup.fhir_url, [patient], now=True) == ["analysed"]
+        stored = service.analyses.get_answer(setup.fhir_url, patient)
+        assert stored is not None
+        assert setup.hook(client.post, patient).json()["cards"] == stored.cards
+
+        _add_lab(setup.fhir_url, patient)  # no Subscription told the service: still "current"
+        assert setup.hook(client.post, patient).json()["cards"] == stored.cards
+
+        lab = {"resourceType": "Observation", "subject": {"reference": f"Patient/{patient}"}}
+        notified = client.put(
+            "/fhir-notify/Observation/x", json=lab, headers={"Authorization": f"Bearer {SECRET}"}
+        )
+        assert notified.json() == {"patients": 1, "queued": 1}
+        (card,) = setup.hook(client.post, patient).json()["cards"]
+        assert card["summary"] == IN_PROGRESS and "changed" in card["detail"]
