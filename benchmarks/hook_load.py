@@ -143,6 +143,8 @@ async def _load(
                 response.raise_for_status()
                 cards = response.json()["cards"]
                 summary = cards[0]["summary"] if cards else "(no card)"
+                if cards and "Not confirmed current" in cards[0].get("detail", ""):
+                    summary += " [over budget: not confirmed current]"
                 summaries[summary] = summaries.get(summary, 0) + 1
 
     started = time.perf_counter()
@@ -206,6 +208,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--patients", type=int, default=4)
     parser.add_argument("--workers", default="1,2", help="service processes to try, e.g. 1,2")
+    parser.add_argument(
+        "--modes", default="fhir,notifications", help="MMCDS_CURRENCY_CHECK values to try"
+    )
     parser.add_argument("--requests", type=int, default=600, help="per run at 8 and 32 clients")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -250,8 +255,10 @@ def main() -> None:
         card_file = Path(tmp) / "card.json"
         try:
             results["components"] = components(settings, caller, fhir_box.base_url, warm_ids, 300)
-            for workers in [int(w) for w in args.workers.split(",")]:
-                with uvicorn_process("service", port, env, workers) as url:
+            runs = [(m, int(w)) for m in args.modes.split(",") for w in args.workers.split(",")]
+            for mode, workers in runs:
+                mode_env = {**env, "MMCDS_CURRENCY_CHECK": mode}
+                with uvicorn_process("service", port, mode_env, workers) as url:
                     token, body = caller.requests(warm_ids, 1)[0]
                     first = httpx.post(
                         f"{url}/cds-services/{SERVICE}",
@@ -279,7 +286,7 @@ def main() -> None:
                             }
                         run["miss_c8"] = load(url, caller.requests(miss_ids, args.requests // 2), 8)
                         run["miss_budget_ms"] = settings.hook_budget_ms
-                    results[f"service_workers_{workers}"] = run
+                    results[f"service_{mode}_workers_{workers}"] = run
         finally:
             with psycopg.connect(POSTGRES.replace("+psycopg", ""), autocommit=True) as conn:
                 conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
