@@ -112,7 +112,7 @@ def _overlay_entries(ctx: _Context, explanation: Explanation) -> tuple[list[Any]
     overlay, and the report's ``media`` links. Never megabytes inline in ``Media``: real
     servers cap strings (Medplum at 1 MB) and resources."""
     entries, links = [], []
-    for finding, sop_uid, png in _overlays(ctx.analysis, explanation):
+    for name, sop_uid, png in _overlays(ctx.analysis, explanation):
         png = review_png(png, ctx.limits)
         binary_urn, media_urn = _urn(), _urn()
         binary = {
@@ -122,8 +122,8 @@ def _overlay_entries(ctx: _Context, explanation: Explanation) -> tuple[list[Any]
             "securityContext": {"reference": ctx.report_urn},
             "data": base64.b64encode(png).decode(),
         }
-        title = f"AI saliency (preliminary): {display(finding)}, image {sop_uid}"
-        overlay_id = f"{ctx.analysis.identifier}:{finding}:{sop_uid}"
+        title = f"AI saliency (preliminary): {display(name)}, image {sop_uid}"
+        overlay_id = f"{ctx.analysis.identifier}:{name}:{sop_uid}"
         media = {
             "resourceType": "Media",
             "meta": _meta(),

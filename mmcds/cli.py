@@ -186,6 +186,48 @@ def outbox(
 
 
 @app.command()
+def ingest(
+    patients: Annotated[list[str] | None, typer.Argument(help="Patient ids (default: all)")] = None,
+    fhir_url: Annotated[str | None, typer.Option(help="FHIR base URL")] = None,
+    now: Annotated[bool, typer.Option(help="Analyse here and now instead of queueing")] = False,
+) -> None:
+    """Analyse a batch of patients ahead of their hooks: queue them for `mmcds worker` (or run
+    them now), so hooks answer from the stored analyses."""
+    from mmcds.fhir.client import FhirClient
+    from mmcds.service.analysis import AnalysisService
+
+    s = get_settings()
+    server = (fhir_url or s.fhir_base_url).rstrip("/")
+    if not patients:
+        with FhirClient(server, timeout=s.fhir_timeout_s) as fhir:
+            patients = [p["id"] for p in fhir.search("Patient", {"_count": "1000"})]
+    service = AnalysisService(s)
+    if service.queue is not None and not now:
+        service.queue.open()
+    try:
+        for patient, state in zip(patients, service.ingest(server, patients, now=now), strict=True):
+            typer.echo(f"{patient}: {state}")
+    finally:
+        if service.queue is not None and not now:
+            service.queue.close()
+
+
+@app.command()
+def worker(
+    concurrency: Annotated[int, typer.Option(min=1, help="Jobs at once in this process")] = 1,
+    burst: Annotated[bool, typer.Option(help="Exit when the queue is empty")] = False,
+) -> None:
+    """Run queued analyses (ingest, FHIR notifications, hooks that found no current answer)."""
+    from mmcds.service.analysis import AnalysisService
+
+    s = get_settings()
+    service = AnalysisService(s)
+    if service.queue is None:
+        raise typer.BadParameter("no work queue: set MMCDS_QUEUE_URL to a PostgreSQL URL")
+    service.queue.run_worker(concurrency=concurrency, burst=burst)
+
+
+@app.command()
 def demo(
     patients: Annotated[int, typer.Option(min=1, max=20)] = 3,
     seed: Annotated[int, typer.Option()] = 7,

@@ -100,6 +100,29 @@ class Settings(BaseSettings):
     writeback_max_string_bytes: int = 1_000_000  # Medplum's limit
     writeback_overlay_max_side: int = 1024
 
+    # --- Answer fast (mmcds.service.fast_path, queue, notify) ---------------------------------
+    # A hook answers from the stored analysis when it is current, else within this budget with
+    # the "analysis in progress" card (or no card) while a worker analyses the patient.
+    hook_budget_ms: int = 400
+    hook_miss: Literal["in-progress", "no-card"] = "in-progress"
+    # "stored": hooks answer from analyses computed off their path (ingest, notifications,
+    # queue). "inline": the hook itself gathers and analyses (seconds; no worker needed).
+    hook_answer: Literal["stored", "inline"] = "stored"
+    # The durable work queue (procrastinate) on PostgreSQL: a SQLAlchemy or libpq URL. Empty:
+    # the database_url when that is PostgreSQL; with neither, a miss cannot queue (it says so).
+    queue_url: str | None = None
+    queue_schema: str = "mmcds_queue"
+    # Shared secret a FHIR server's rest-hook Subscription sends (`Authorization: Bearer ...`)
+    # to POST /fhir-notify. Empty: the endpoint refuses every notification.
+    notify_secret: str | None = None
+    # How a hook knows a stored answer is current. "fhir": ask the FHIR server (one batch
+    # request per hook). "notifications": trust the FHIR server's Subscriptions to /fhir-notify
+    # to mark answers stale (no FHIR request on the hook's path; needs every watched type
+    # subscribed, and a missed notification leaves an answer outdated until the next ingest).
+    currency_check: Literal["fhir", "notifications"] = "fhir"
+    # Stored answers kept in each service process's memory (checked for currency on every hook).
+    answer_cache_size: int = 10_000
+
     # Input bounds: reject with a clear error beyond these.
     max_request_bytes: int = 1_000_000
     max_note_chars: int = 200_000

@@ -32,6 +32,7 @@ import {
   validateResource,
 } from '@medplum/core';
 import { FhirRouter, MemoryRepository } from '@medplum/fhir-router';
+import { SubscriptionNotifier } from './subscriptions.mjs';
 
 const BASE = '/fhir/R4';
 const PORT = Number(process.argv[2] ?? process.env.PORT ?? 8103);
@@ -121,7 +122,9 @@ class SandboxRepository extends MemoryRepository {
     validateResource(resource); // throws OperationOutcomeError (400) listing every issue
     const withId = resource.id ? resource : { ...resource, id: this.generateId() };
     this.#remember(withId.resourceType, withId.id);
-    return super.createResource(withId, options);
+    const saved = await super.createResource(withId, options);
+    notifier.record(saved); // R4 rest-hook Subscriptions hear of it once the request is done
+    return saved;
   }
 
   async deleteResource(resourceType, id) {
@@ -172,6 +175,7 @@ class SandboxRepository extends MemoryRepository {
 }
 
 const repo = new SandboxRepository();
+const notifier = new SubscriptionNotifier((type, query) => conditionalSearch(type, query));
 const router = new FhirRouter();
 
 // One request at a time: transactions are then isolated and conditional creates cannot race.
@@ -435,6 +439,7 @@ function entryResponse(outcome, resource) {
     response.etag = `W/"${resource.meta?.versionId}"`;
     response.lastModified = resource.meta?.lastUpdated;
   }
+  if (resource?.resourceType === 'Bundle' && !resource.id) return { response, resource }; // a search
   return resource?.id ? { response, resource } : { response: { ...response, outcome } };
 }
 
@@ -735,7 +740,16 @@ async function handle(req, res) {
     if (AUTH_ON && !isPublic(req.method, path)) await checkBearer(req);
     // Read the body before taking the lock, so a slow upload does not stall other clients.
     const body = parseBody(await readBody(req), req.headers['content-type'], pathname.split('/')[3]);
-    const [outcome, resource] = await serialized(() => route(req, baseUrl, body));
+    const [outcome, resource, written] = await serialized(async () => {
+      try {
+        const [o, r] = await route(req, baseUrl, body);
+        return [o, r, notifier.take()];
+      } catch (err) {
+        notifier.take(); // a failed (rolled back) write notifies nobody
+        throw err;
+      }
+    });
+    if (isOk(outcome)) res.once('finish', () => void notifier.deliver(written, serialized));
     const status = getStatus(outcome);
     if (!resource) return send(res, status, outcome);
     if (/return=minimal/.test(req.headers.prefer ?? '') && /-response$/.test(resource.type ?? '')) {

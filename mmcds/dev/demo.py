@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 import typer
 import uvicorn
+from fastapi import FastAPI
 from joserfc.jwk import ECKey
 
 from mmcds.dev.demo_model import ensure_demo_model
@@ -37,10 +38,11 @@ DEMO_KID = "demo-ehr-key-1"
 
 
 @contextlib.contextmanager
-def running_service(settings: Settings) -> Iterator[str]:
-    """Serve the app with uvicorn in a thread; yields its base URL."""
+def running_service(settings: Settings, app: FastAPI | None = None) -> Iterator[str]:
+    """Serve the app (default: ``create_app(settings)``) with uvicorn in a thread; yields its
+    base URL."""
     config = uvicorn.Config(
-        create_app(settings), host=settings.host, port=settings.port, log_level="warning"
+        app or create_app(settings), host=settings.host, port=settings.port, log_level="warning"
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
@@ -114,6 +116,7 @@ def demo_service(
     fhir_url: str | None = None,
     dicomweb_url: str | None = None,
     echo: Callable[[str], None] = typer.echo,
+    ingest: bool = True,
 ) -> Iterator[DemoService]:
     """Servers, a trained model, synthetic patients loaded, the service running."""
     base = get_settings()
@@ -151,7 +154,12 @@ def demo_service(
                 "database_url": f"sqlite:///{Path(tmp) / 'service.db'}",
             }
         )
-        with running_service(settings) as url:
+        app = create_app(settings)
+        if ingest:  # analyses are computed when data arrives, so hooks answer from them
+            started = time.perf_counter()
+            app.state.analysis.ingest(fhir_base, ids, now=True)
+            echo(f"ingested {len(ids)} patients in {time.perf_counter() - started:.1f} s")
+        with running_service(settings, app) as url:
             yield DemoService(settings, url, fhir_base, ids, key)
 
 

@@ -42,7 +42,6 @@ from mmcds.records import (
     Explanation,
     FindingScore,
     ImageSaliency,
-    LabContribution,
     Level,
 )
 

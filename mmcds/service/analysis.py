@@ -8,6 +8,7 @@ bundle, outbox). The hook handler, ``mmcds analyse``, batch scoring and the demo
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import threading
@@ -29,9 +30,26 @@ from mmcds.fhir.smart_auth import DEFAULT_SCOPE, BackendCredentials, BackendServ
 from mmcds.fhir.writeback import Sent, send_bundle
 from mmcds.fusion.pipeline import Pipeline
 from mmcds.records import Analysis, Explanation, PatientRecord, content_hash
-from mmcds.service.analysis_store import AnalysisStore
-from mmcds.service.cards import analysis_card, delivery_note, unavailable_card
+from mmcds.service.analysis_store import STALE, AnalysisStore, StoredAnswer
+from mmcds.service.cards import (
+    alarms,
+    analysis_card,
+    delivery_note,
+    in_progress_card,
+    stored_alarms,
+    unavailable_card,
+    unverified_cards,
+)
+from mmcds.service.fast_path import (
+    AnswerCache,
+    CurrencyError,
+    FastAnswer,
+    FastPath,
+    State,
+    fingerprint_sync,
+)
 from mmcds.service.outbox import Delivery, Outbox
+from mmcds.service.queue import WorkQueue, queue_conninfo
 from mmcds.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -65,6 +83,13 @@ class AnalysisResult:
     # The Patient could be neither prefetched nor read from the FHIR server (a hook: 412).
     fhir_unreachable: bool = False
     outbox_key: str | None = field(default=None, repr=False)
+    # A hook answered from a stored analysis: which one (``analysis`` itself is not loaded).
+    stored_analysis_id: str | None = None
+
+    @property
+    def analysis_id(self) -> str | None:
+        """The analysis the cards show, whether computed now or stored."""
+        return self.analysis.identifier if self.analysis is not None else self.stored_analysis_id
 
 
 class AnalysisService:
@@ -81,6 +106,7 @@ class AnalysisService:
         pipeline: Pipeline | None = None,
         analyses: AnalysisStore | None = None,
         outbox: Outbox | None = None,
+        queue: WorkQueue | None = None,
     ) -> None:
         self.settings = settings
         self.analyses = analyses or AnalysisStore(settings.database_url)
@@ -108,6 +134,20 @@ class AnalysisService:
         # Two cores: one analysis at a time keeps the answer time predictable instead of
         # letting concurrent hooks thrash each other's torch threads.
         self._model_lock = threading.Lock()
+        # The fast path (mmcds.service.fast_path): stored answers + the work queue. Without a
+        # PostgreSQL for the queue, a miss still answers at once but cannot queue work.
+        if queue is None and queue_conninfo(settings) is not None:
+            queue = WorkQueue(settings, handler=self.run_job)
+        self.queue = queue
+        self.answers = AnswerCache(self.analyses, settings.answer_cache_size)
+        self.fast = FastPath(
+            self.answers,
+            queue.defer_async if queue is not None else None,
+            budget_ms=settings.hook_budget_ms,
+            in_progress=self._in_progress_cards,
+            timeout_s=settings.fhir_timeout_s,
+            trust_notifications=settings.currency_check == "notifications",
+        )
 
     @property
     def pipeline(self) -> Pipeline:
@@ -199,6 +239,76 @@ class AnalysisService:
                 )
             return self._auths[fhir_server]
 
+    # --- answer fast: hooks read stored answers, workers compute them -----------------------
+
+    async def answer(self, trigger: Trigger) -> AnalysisResult:
+        """A hook's answer without gathering or encoding: the stored cards when the patient's
+        inputs are unchanged, else (queued) "analysis in progress", within the budget.
+
+        ``MMCDS_HOOK_ANSWER=inline`` instead runs the whole analysis on the hook's path (using
+        its prefetch): for a deployment without workers, and for tests of that path."""
+        if self.settings.hook_answer == "inline":
+            return await asyncio.to_thread(self.analyse, trigger)
+        fast: FastAnswer = await self.fast.answer(
+            trigger.fhir_server, trigger.patient_id, trigger.token
+        )
+        log.info("hook %s: %s%s", trigger.request_id, fast.state, " (queued)" * fast.queued)
+        if fast.state == "unavailable":
+            result = self._unavailable(fast.reason or "the FHIR server is unavailable")
+            # CDS Hooks: required data neither prefetched nor readable is a 412, not a card.
+            result.fhir_unreachable = not _prefetched_patient(trigger)
+            return result
+        if fast.unverified is not None:  # said so on the card: it may predate new data
+            return AnalysisResult(
+                cards=unverified_cards(fast.cards), stored_analysis_id=fast.analysis_id
+            )
+        return AnalysisResult(cards=fast.cards, stored_analysis_id=fast.analysis_id)
+
+    def alarms(self, result: AnalysisResult) -> list[str]:
+        """The findings that alarm in ``result`` (read from the store for a stored answer)."""
+        if result.analysis is not None:
+            return alarms(result.analysis)
+        stored = self.analyses.get(result.stored_analysis_id) if result.stored_analysis_id else None
+        return stored_alarms(stored.assessment) if stored is not None else []
+
+    def ingest(self, fhir_server: str, patient_ids: list[str], *, now: bool = False) -> list[str]:
+        """Queue (or, ``now``, run here) the analysis of each patient; one state word each."""
+        states = []
+        for patient_id in patient_ids:
+            if now or self.queue is None:
+                try:
+                    result = self.run_job(fhir_server, patient_id)
+                except CurrencyError as exc:
+                    states.append(str(exc))
+                    continue
+                states.append(result.unavailable or "analysed")
+            else:
+                states.append("queued" if self.queue.defer(fhir_server, patient_id) else "waiting")
+        return states
+
+    def run_job(self, fhir_server: str, patient_id: str) -> AnalysisResult:
+        """A queue job: analyse the patient, write the report back, store the answer.
+
+        The fingerprint is taken *before* gathering: data that changes while the analysis runs
+        leaves the stored answer stale, so the next hook queues another run."""
+        current = fingerprint_sync(fhir_server, patient_id, timeout_s=self.settings.fhir_timeout_s)
+        result = self.analyse(Trigger(patient_id=patient_id, fhir_server=fhir_server))
+        after = fingerprint_sync(fhir_server, patient_id, timeout_s=self.settings.fhir_timeout_s)
+        if after != current:  # data arrived while it ran: stored, but stale from the start
+            current = STALE
+        if result.analysis is not None:
+            answer = StoredAnswer(
+                fhir_server, patient_id, result.analysis.identifier, current, result.cards
+            )
+            self.analyses.put_answer(answer)
+            self.answers.remember(answer)
+        return result
+
+    def _in_progress_cards(self, state: State, queued: bool) -> list[dict[str, Any]]:
+        if self.settings.hook_miss == "no-card":
+            return []
+        return [in_progress_card(state, queued, self.model_card_url)]
+
     # --- helpers ----------------------------------------------------------------------------
 
     def _unavailable(self, reason: str, unreachable: bool = False) -> AnalysisResult:
@@ -235,6 +345,11 @@ def _credentials(settings: Settings) -> BackendCredentials | None:
         scope=settings.writeback_scope or DEFAULT_SCOPE,
         token_url=settings.writeback_token_url or None,
     )
+
+
+def _prefetched_patient(trigger: Trigger) -> bool:
+    patient = (trigger.prefetch or {}).get("patient")
+    return isinstance(patient, dict) and patient.get("resourceType") == "Patient"
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ explanation as JSON, and one row per binary -- heatmaps as ``.npy`` bytes (read 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -62,6 +63,38 @@ def _tables(metadata: MetaData) -> tuple[Table, Table]:
         Column("data", LargeBinary, nullable=False),
     )
     return analyses, blobs
+
+
+def _answers_table(metadata: MetaData) -> Table:
+    """The answer a hook gives for a patient on a FHIR server: the cards of its latest analysis
+    and the fingerprint of the inputs it read (``mmcds.service.fast_path``)."""
+    return Table(
+        "mmcds_answers",
+        metadata,
+        Column("key", String(64), primary_key=True),  # hash of fhir server + patient id
+        Column("fhir_server", String(1024), nullable=False),
+        Column("patient_id", String(256), nullable=False),
+        Column("analysis_id", String(64), nullable=False),
+        Column("fingerprint", String(64), nullable=False),
+        Column("cards", Text, nullable=False),
+        Column("updated_at", DateTime(timezone=True), server_default=func.now(), nullable=False),
+    )
+
+
+@dataclass(frozen=True)
+class StoredAnswer:
+    fhir_server: str
+    patient_id: str
+    analysis_id: str
+    fingerprint: str  # of the patient's inputs on the FHIR server when the analysis read them
+    cards: list[dict[str, Any]]
+
+
+STALE = "stale"  # a fingerprint no input set has: the answer is known to be out of date
+
+
+def answer_key(fhir_server: str, patient_id: str) -> str:
+    return hashlib.sha256(f"{fhir_server.rstrip('/')}|{patient_id}".encode()).hexdigest()
 
 
 def _npy(array: np.ndarray) -> bytes:
@@ -183,6 +216,8 @@ class AnalysisStore:
         self.dialect = self.engine.dialect.name
         self.analyses, self.blobs = _tables(MetaData())
         create_tables(self.engine, self.analyses, self.blobs, purpose="analysis store")
+        self.answers = _answers_table(MetaData())
+        create_tables(self.engine, self.answers, purpose="analysis store")
 
     def close(self) -> None:
         self.engine.dispose()
@@ -257,3 +292,53 @@ class AnalysisStore:
                 select(b.c.data).where(b.c.identifier == identifier, b.c.name == name)
             ).scalar_one_or_none()
         return bytes(data) if data is not None else None
+
+    # --- answers: what a hook says for a patient, while its inputs stay as they were ----------
+
+    def put_answer(self, answer: StoredAnswer) -> None:
+        """Store (or replace) the patient's answer: the latest analysis wins."""
+        row = {
+            "key": answer_key(answer.fhir_server, answer.patient_id),
+            "fhir_server": answer.fhir_server.rstrip("/"),
+            "patient_id": answer.patient_id,
+            "analysis_id": answer.analysis_id,
+            "fingerprint": answer.fingerprint,
+            "cards": json.dumps(answer.cards),
+        }
+        changed = {k: row[k] for k in ("analysis_id", "fingerprint", "cards")}
+        t = self.answers
+        if self.dialect == "postgresql":
+            pg = postgresql.insert(t).values(row)
+            stmt: Any = pg.on_conflict_do_update(
+                index_elements=["key"], set_={**changed, "updated_at": func.now()}
+            )
+        elif self.dialect == "sqlite":
+            lite = sqlite.insert(t).values(row)
+            stmt = lite.on_conflict_do_update(
+                index_elements=["key"], set_={**changed, "updated_at": func.now()}
+            )
+        else:  # pragma: no cover - the service runs on SQLite or PostgreSQL
+            raise ValueError(f"answers need SQLite or PostgreSQL, not {self.dialect}")
+        with self.engine.begin() as conn:
+            conn.execute(stmt)
+
+    def get_answer(self, fhir_server: str, patient_id: str) -> StoredAnswer | None:
+        t = self.answers
+        key = answer_key(fhir_server, patient_id)
+        with self.engine.connect() as conn:
+            row = conn.execute(select(t).where(t.c.key == key)).first()
+        if row is None:
+            return None
+        return StoredAnswer(
+            row.fhir_server, row.patient_id, row.analysis_id, row.fingerprint, json.loads(row.cards)
+        )
+
+    def mark_stale(self, fhir_server: str, patient_id: str) -> bool:
+        """A notification said the patient's data changed; False when no answer is stored."""
+        t = self.answers
+        key = answer_key(fhir_server, patient_id)
+        with self.engine.begin() as conn:
+            done = conn.execute(
+                t.update().where(t.c.key == key).values(fingerprint=STALE, updated_at=func.now())
+            )
+        return bool(done.rowcount)

@@ -45,6 +45,7 @@ from mmcds.service.feedback import FeedbackStore
 from mmcds.service.feedback_api import router as feedback_router
 from mmcds.service.hooks import SERVICES, ContextRejected, HookService, check_context
 from mmcds.service.hooks import imaging_orders as imaging_orders_of
+from mmcds.service.notify import router as notify_router
 from mmcds.service.outbox import OutboxWorker
 from mmcds.service.replay import replay_cache
 from mmcds.service.schema import (
@@ -84,14 +85,17 @@ def _trigger(hook_request: HookRequest, patient_id: str, fhir_server: str, rid: 
 
 
 def hook_cards(
-    service: HookService, result: AnalysisResult, orders: list[dict[str, Any]]
+    service: HookService,
+    result: AnalysisResult,
+    orders: list[dict[str, Any]],
+    alarms: list[str],
 ) -> list[dict[str, Any]]:
     """The analysis cards as this hook shows them (order hooks: beside the orders)."""
     if not service.orders_hook:
         return result.cards
     cards = [order_card(card, orders) for card in result.cards]
-    if service.hook == "order-sign" and result.analysis is not None and cards:
-        cards[0] = with_suggestions(cards[0], reason_suggestions(result.analysis, orders))
+    if service.hook == "order-sign" and alarms and cards:
+        cards[0] = with_suggestions(cards[0], reason_suggestions(alarms, orders))
     return cards
 
 
@@ -107,10 +111,15 @@ def create_app(settings: Settings, pipeline: Pipeline | None = None) -> FastAPI:
         torch.set_num_threads(settings.torch_threads)  # process-wide: this process serves
         worker = OutboxWorker(service.outbox, service.send, settings.outbox_interval_s)
         worker.start()
+        if service.queue is not None:  # the queue the fast path defers misses to
+            await service.queue.open_async()
         try:
             yield
         finally:
             worker.stop()
+            await service.fast.aclose()
+            if service.queue is not None:
+                await service.queue.close_async()
 
     app = FastAPI(title="mmcds", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
@@ -130,6 +139,7 @@ def create_app(settings: Settings, pipeline: Pipeline | None = None) -> FastAPI:
     app.include_router(router)
     app.include_router(feedback_router)
     app.openapi = _openapi_with_bodies(app)  # type: ignore[method-assign]
+    app.include_router(notify_router)  # FHIR Subscription rest-hook -> work queue
     return app
 
 
@@ -231,8 +241,8 @@ async def hook(
     if spec.orders_hook and not orders:
         return {"cards": []}  # not an imaging order: nothing to say, nothing analysed
     trigger = _trigger(hook_request, patient_id, fhir_server, request_id)
-    # The analysis is CPU-bound: run it off the event loop.
-    result = await run_in_threadpool(service.analyse, trigger)
+    # The stored answer (fast path), or "in progress"; inline analysis only where configured.
+    result = await service.answer(trigger)
     if result.fhir_unreachable:
         outcome = operation_outcome(
             "not-found",
@@ -240,11 +250,12 @@ async def hook(
             f"fhirServer: {result.unavailable}",
         )
         return JSONResponse(outcome, status_code=412)
-    cards = hook_cards(spec, result, orders)
-    if result.analysis is not None:  # feedback names only the card: remember its analysis
+    alarms = await run_in_threadpool(service.alarms, result) if spec.hook == "order-sign" else []
+    cards = hook_cards(spec, result, orders, alarms)
+    if result.analysis_id is not None:  # feedback names only the card: remember its analysis
         uuids = [u for card in cards for u in card_uuids(card)]
         await run_in_threadpool(
-            feedback.link_cards, uuids, result.analysis.identifier, service_id=service_id
+            feedback.link_cards, uuids, result.analysis_id, service_id=service_id
         )
     answer = {"cards": cards}
     for problem in problems_cards_response(answer):  # our bug, not the EHR's: say so loudly

@@ -93,16 +93,29 @@ def _order_name(order: dict[str, Any]) -> str:
     return str(code.get("text") or coding.get("display") or coding.get("code") or "imaging order")
 
 
-def reason_suggestions(analysis: Analysis, orders: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """order-sign: per assessed finding at ``warning`` or above and per order that does not
-    carry it yet, a suggestion to add it as the order's ``reasonCode`` (an ``update`` action
-    on the draft ServiceRequest). Findings not assessed (not validated, abstained, too few
-    inputs) never suggest anything (DESIGN §8)."""
+def alarms(analysis: Analysis) -> list[str]:
+    """The findings that alarm: assessed (validated, in distribution, enough inputs) and at
+    ``warning`` or above."""
+    return [f.finding for f in analysis.assessment.findings if f.assessed and f.level != Level.info]
+
+
+def stored_alarms(assessment: dict[str, Any]) -> list[str]:
+    """``alarms`` of a stored analysis (``AnalysisStore``'s assessment record)."""
+    return [
+        f["finding"]
+        for f in assessment.get("findings", [])
+        if f.get("status") == "assessed" and f.get("level") != str(Level.info)
+    ]
+
+
+def reason_suggestions(alarms: list[str], orders: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """order-sign: per alarming finding (``AnalysisResult.alarms``: assessed, at ``warning`` or
+    above) and per order that does not carry it yet, a suggestion to add it as the order's
+    ``reasonCode`` (an ``update`` action on the draft ServiceRequest). Findings not assessed
+    (not validated, abstained, too few inputs) never alarm, so never suggest (DESIGN §8)."""
     suggestions = []
-    for score in analysis.assessment.findings:
-        if not score.assessed or score.level == Level.info:
-            continue
-        entry = finding(score.finding)
+    for name in alarms:
+        entry = finding(name)
         for order in orders:
             present = {
                 c.get("code") for r in order.get("reasonCode") or [] for c in r.get("coding") or []
@@ -113,9 +126,7 @@ def reason_suggestions(analysis: Analysis, orders: list[dict[str, Any]]) -> list
             updated["reasonCode"] = [
                 *(order.get("reasonCode") or []),
                 {
-                    "coding": [
-                        {"system": SNOMED, "code": entry.snomed, "display": entry.display}
-                    ],
+                    "coding": [{"system": SNOMED, "code": entry.snomed, "display": entry.display}],
                     "text": f"{entry.display} (suspected; AI-assisted, preliminary)",
                 },
             ]
@@ -147,3 +158,33 @@ def with_suggestions(card: dict[str, Any], suggestions: list[dict[str, Any]]) ->
 def card_uuids(card: dict[str, Any]) -> list[str]:
     """The card's uuid and its suggestions': what feedback may name."""
     return [card["uuid"], *(s["uuid"] for s in card.get("suggestions") or [])]
+
+
+def in_progress_card(state: str, queued: bool, model_card_url: str) -> dict[str, Any]:
+    """A hook's answer while the patient's analysis is not (or no longer) current."""
+    why = {
+        "stale": "The patient's data changed since the last AI analysis",
+        "over-budget": "The patient's data could not be checked within the time allowed",
+    }.get(state, "No AI analysis of this patient's current data exists yet")
+    then = (
+        "it is queued and the report will be written back to the record when done"
+        if queued or state == "over-budget"
+        else "it is being prepared"
+    )
+    return {
+        "uuid": str(uuid.uuid4()),
+        "summary": "AI risk summary: analysis in progress",
+        "indicator": "info",
+        "detail": f"{why}; {then}. No assessment is shown until it is complete; nothing here "
+        "should be read as a negative result.",
+        "source": {"label": "mmcds", "url": model_card_url},
+    }
+
+
+def unverified_cards(cards: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The last stored answer when there was no time to check it is current: said so."""
+    note = (
+        "\n\n_Not confirmed current: the patient's data could not be checked within the time "
+        "allowed, so this analysis may predate the newest results._"
+    )
+    return [{**card, "detail": card.get("detail", "") + note} for card in cards]

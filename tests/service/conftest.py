@@ -65,6 +65,9 @@ def make_settings(ehr_key: ECKey, tmp_path: Path) -> SettingsFactory:
             "database_url": f"sqlite:///{tmp_path / 'service.db'}",
             "model_dir": tmp_path / "models",
             "fhir_timeout_s": 2.0,
+            # These tests are about the hook protocol and the analysis path it runs; the
+            # stored-answer fast path has its own tests (test_fast_path.py).
+            "hook_answer": "inline",
         }
         if pacs is not None:
             user, password = pacs.auth

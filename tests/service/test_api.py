@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
-from dataclasses import dataclass
-import base64
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +45,12 @@ def _load(folder: Path, fhir_url: str, pacs: Any) -> list[str]:
         return [p["id"] for p in fhir.search("Patient", {"_count": "50"})]
 
 
+def _ingest(call_hook: HookCaller, fhir_url: str, *patient_ids: str) -> None:
+    """Analyse now, as a queue worker would: the hook then answers from the stored analysis."""
+    service = call_hook.client.app.state.analysis  # type: ignore[attr-defined]
+    assert service.ingest(fhir_url, list(patient_ids), now=True) == ["analysed"] * len(patient_ids)
+
+
 def test_hook_writes_back_a_report_with_the_run_values(
     call_hook: HookCaller,
     cohort: Path,
@@ -57,6 +59,7 @@ def test_hook_writes_back_a_report_with_the_run_values(
     pipeline: Pipeline,
 ) -> None:
     patient_id = _load(cohort, fhir_url, dicomweb)[0]
+    _ingest(call_hook, fhir_url, patient_id)
 
     response = call_hook(_request(fhir_url, patient_id))
 
@@ -96,6 +99,7 @@ def test_same_analysis_twice_writes_one_report(
 ) -> None:
     patient_id = _load(cohort, fhir_url, dicomweb)[0]
     for _ in range(2):
+        _ingest(call_hook, fhir_url, patient_id)
         assert call_hook(_request(fhir_url, patient_id)).status_code == 200
     with FhirClient(fhir_url) as fhir:
         reports = fhir.search("DiagnosticReport", {"subject": f"Patient/{patient_id}"})
@@ -112,6 +116,7 @@ def test_synthea_patient_with_study_but_no_pixels(
     source = next((shared_data / "synthea-r4").glob("Louis_Erdman_*.json"))
     (tmp_path / source.name).write_bytes(source.read_bytes())
     (patient_id,) = _load(tmp_path, fhir_url, dicomweb)
+    _ingest(call_hook, fhir_url, patient_id)
 
     response = call_hook(_request(fhir_url, patient_id))
 

@@ -15,7 +15,7 @@ import pytest
 from mmcds.dev.servers import FhirSandbox
 from mmcds.findings import finding
 from mmcds.records import Analysis, Assessment, Encodings, FindingScore, Patient, PatientRecord
-from mmcds.service.cards import reason_suggestions, with_suggestions
+from mmcds.service.cards import alarms, reason_suggestions, with_suggestions
 from mmcds.service.conformance import (
     problems_card,
     problems_cards_response,
@@ -187,7 +187,7 @@ def _analysis(level_probability: float, status: str = "assessed") -> Analysis:
 def test_order_sign_suggests_an_assessed_finding_as_the_orders_reason() -> None:
     order = _imaging_order("p")
     order["reasonCode"] = [{"text": "cough"}]
-    (suggestion,) = reason_suggestions(_analysis(0.5), [order])
+    (suggestion,) = reason_suggestions(alarms(_analysis(0.5)), [order])
     (action,) = suggestion["actions"]
     assert action["type"] == "update"
     reasons = action["resource"]["reasonCode"]
@@ -205,11 +205,11 @@ def test_order_sign_suggests_an_assessed_finding_as_the_orders_reason() -> None:
     )
     assert problems_card(card) == []
     # below the warning threshold, not validated, or already the reason: no suggestion
-    assert reason_suggestions(_analysis(0.1), [order]) == []
-    assert reason_suggestions(_analysis(0.95, "not_validated"), [order]) == []
+    assert reason_suggestions(alarms(_analysis(0.1)), [order]) == []
+    assert reason_suggestions(alarms(_analysis(0.95, "not_validated")), [order]) == []
     coded = copy.deepcopy(order)
     coded["reasonCode"] = reasons
-    assert reason_suggestions(_analysis(0.5), [coded]) == []
+    assert reason_suggestions(alarms(_analysis(0.5)), [coded]) == []
 
 
 def test_imaging_orders_are_recognised() -> None:

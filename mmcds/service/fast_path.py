@@ -1,0 +1,277 @@
+"""Answer a hook in milliseconds: the stored answer when it is current, else "in progress".
+
+A hook never gathers nor encodes (DESIGN §3). Analyses are computed when data arrives (``mmcds
+ingest``, a FHIR Subscription notification, or a hook that found none) by queue workers, which
+store the cards together with a *fingerprint* of the inputs they read. A hook then only asks the
+FHIR server whether those inputs are still what they were: one ``batch`` request holding one
+``_sort=-_lastUpdated&_count=1`` search per input type (the newest resource's id and
+``lastUpdated``, and the total, so an update, an addition and a deletion all change it). Same
+fingerprint: the stored cards are the answer. Different or none: the work is queued and the
+hook answers within ``MMCDS_HOOK_BUDGET_MS`` with an ``info`` card "analysis in progress" (or no
+card), and the worker writes the report back when it is done.
+
+What the fingerprint does not see: prior radiology DiagnosticReports and non-AI ``Media`` (the
+service writes both kinds itself, so they would mark every answer stale after its write-back);
+a change to those alone is picked up by the next ingest or notification, not by a hook.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+from urllib.parse import urlencode
+
+import httpx
+
+from mmcds.errors import UpstreamUnavailable
+from mmcds.service.analysis_store import STALE, AnalysisStore, StoredAnswer
+
+log = logging.getLogger(__name__)
+
+State = Literal["current", "stale", "miss", "over-budget", "unavailable"]
+
+
+def currency_searches(patient_id: str) -> dict[str, str]:
+    """The searches whose newest entry fingerprints a patient's inputs, by label: the same
+    filters ``mmcds.fhir.gather`` reads with (the Patient too: sex and age are inputs)."""
+    subject = f"Patient/{patient_id}"
+    newest = {"_sort": "-_lastUpdated", "_count": "1", "_elements": "id"}
+    return {
+        "Patient": "Patient?" + urlencode({"_id": patient_id, **newest}),
+        "DocumentReference": "DocumentReference?"
+        + urlencode({"patient": subject, "status": "current", **newest}),
+        "Observation": "Observation?"
+        + urlencode({"patient": subject, "category": "laboratory,vital-signs", **newest}),
+        "ImagingStudy": "ImagingStudy?" + urlencode({"patient": subject, **newest}),
+    }
+
+
+def batch_request(patient_id: str) -> dict[str, Any]:
+    return {
+        "resourceType": "Bundle",
+        "type": "batch",
+        "entry": [
+            {"request": {"method": "GET", "url": url}}
+            for url in currency_searches(patient_id).values()
+        ],
+    }
+
+
+class CurrencyError(UpstreamUnavailable):
+    """The FHIR server did not answer the currency check usably."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def fingerprint(batch_response: dict[str, Any], patient_id: str) -> str:
+    """A hash of (total, newest id, newest lastUpdated) per search; ``CurrencyError`` when an
+    entry failed (the patient unknown: status 404)."""
+    labels = list(currency_searches(patient_id))
+    entries = batch_response.get("entry") or []
+    if batch_response.get("resourceType") != "Bundle" or len(entries) != len(labels):
+        raise CurrencyError("the FHIR server's batch response does not match the request")
+    parts: dict[str, Any] = {}
+    for label, entry in zip(labels, entries, strict=True):
+        status = str((entry.get("response") or {}).get("status", ""))
+        bundle = entry.get("resource") or {}
+        if not status.startswith("2") or bundle.get("resourceType") != "Bundle":
+            raise CurrencyError(f"{label} currency search failed ({status or 'no status'})")
+        newest = ((bundle.get("entry") or [{}])[0]).get("resource") or {}
+        parts[label] = [
+            bundle.get("total"),
+            newest.get("id"),
+            (newest.get("meta") or {}).get("lastUpdated"),
+        ]
+    if parts["Patient"][0] == 0:
+        raise CurrencyError("patient not found", status=404)
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def _post_check(response: httpx.Response, patient_id: str) -> str:
+    if response.status_code >= 400:
+        raise CurrencyError(f"currency check: HTTP {response.status_code}", response.status_code)
+    try:
+        return fingerprint(response.json(), patient_id)
+    except ValueError as exc:
+        raise CurrencyError(f"currency check: not JSON ({exc})") from exc
+
+
+def _headers(token: str | None) -> dict[str, str]:
+    headers = {"Accept": "application/fhir+json", "Content-Type": "application/fhir+json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    return headers
+
+
+async def fingerprint_async(
+    http: httpx.AsyncClient, fhir_server: str, patient_id: str, token: str | None
+) -> str:
+    """The hook's currency check: one round trip."""
+    try:
+        response = await http.post(
+            fhir_server, json=batch_request(patient_id), headers=_headers(token)
+        )
+    except httpx.HTTPError as exc:
+        raise CurrencyError(f"currency check: {type(exc).__name__}") from exc
+    return _post_check(response, patient_id)
+
+
+def fingerprint_sync(
+    fhir_server: str, patient_id: str, token: str | None = None, timeout_s: float = 10.0
+) -> str:
+    """The worker's: taken *before* it gathers, so a change during the analysis shows as stale."""
+    try:
+        response = httpx.post(
+            fhir_server, json=batch_request(patient_id), headers=_headers(token), timeout=timeout_s
+        )
+    except httpx.HTTPError as exc:
+        raise CurrencyError(f"currency check: {type(exc).__name__}") from exc
+    return _post_check(response, patient_id)
+
+
+class AnswerCache:
+    """Stored answers read through to the database, the latest ``size`` kept in memory.
+
+    Sound across processes: an answer is used only when its fingerprint equals the one the FHIR
+    server gives now, and a worker replaces a row only with an analysis of newer inputs; so a
+    cached row that another process has since replaced is simply stale, and re-read.
+    """
+
+    def __init__(self, store: AnalysisStore, size: int) -> None:
+        self.store, self._size = store, size
+        self._rows: OrderedDict[tuple[str, str], StoredAnswer] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def lookup(self, fhir_server: str, patient_id: str, fingerprint: str) -> StoredAnswer | None:
+        """The patient's latest stored answer (from memory when it is for ``fingerprint``)."""
+        key = (fhir_server, patient_id)
+        with self._lock:
+            row = self._rows.get(key)
+            if row is not None:
+                self._rows.move_to_end(key)
+        if row is None or row.fingerprint != fingerprint:
+            row = self.store.get_answer(fhir_server, patient_id)
+            if row is None:
+                return None
+            with self._lock:
+                self._rows[key] = row
+                self._rows.move_to_end(key)
+                while len(self._rows) > self._size:
+                    self._rows.popitem(last=False)
+        return row
+
+    def peek(self, fhir_server: str, patient_id: str) -> StoredAnswer | None:
+        """The answer in memory, unchecked (when there is no time left to check)."""
+        with self._lock:
+            return self._rows.get((fhir_server, patient_id))
+
+    def remember(self, answer: StoredAnswer) -> None:
+        with self._lock:
+            self._rows[(answer.fhir_server, answer.patient_id)] = answer
+
+
+@dataclass(frozen=True)
+class FastAnswer:
+    state: State
+    cards: list[dict[str, Any]]
+    queued: bool = False
+    reason: str | None = None  # why the data could not be checked (``unavailable``)
+    unverified: StoredAnswer | None = None  # over budget: the last answer, currency unknown
+    analysis_id: str | None = None  # the stored analysis the cards show
+
+
+Enqueue = Callable[[str, str], Awaitable[bool]]  # (fhir server, patient id) -> newly queued
+
+
+class FastPath:
+    """One hook's answer: currency check, stored cards, or queue + in-progress card."""
+
+    def __init__(
+        self,
+        cache: AnswerCache,
+        enqueue: Enqueue | None,
+        *,
+        budget_ms: int,
+        in_progress: Callable[[State, bool], list[dict[str, Any]]],
+        timeout_s: float,
+        trust_notifications: bool = False,
+    ) -> None:
+        self.cache, self.enqueue = cache, enqueue
+        self.budget_s = budget_ms / 1000
+        self.in_progress = in_progress
+        self._http: httpx.AsyncClient | None = None
+        self._timeout_s = timeout_s
+        self._background: set[asyncio.Task[Any]] = set()
+        self.trust_notifications = trust_notifications
+
+    def http(self) -> httpx.AsyncClient:
+        # Made on first use, inside the server's event loop; kept alive: a pooled connection
+        # saves the TCP handshake on every hook.
+        if self._http is None:
+            limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+            self._http = httpx.AsyncClient(timeout=self._timeout_s, limits=limits)
+        return self._http
+
+    async def aclose(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
+
+    async def answer(self, fhir_server: str, patient_id: str, token: str | None) -> FastAnswer:
+        work = asyncio.ensure_future(self._answer(fhir_server, patient_id, token))
+        done, _ = await asyncio.wait({work}, timeout=self.budget_s)
+        if work in done:
+            return work.result()
+        # Over budget (a slow FHIR server or database): answer now, let the check (and the
+        # enqueue it leads to) finish in the background.
+        self._background.add(work)
+        work.add_done_callback(self._finished)
+        stored = self.cache.peek(fhir_server, patient_id)
+        if stored is not None:
+            return FastAnswer(
+                "over-budget", stored.cards, unverified=stored, analysis_id=stored.analysis_id
+            )
+        return FastAnswer("over-budget", self.in_progress("over-budget", False))
+
+    def _finished(self, task: asyncio.Task[Any]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("background currency check failed: %s", task.exception())
+
+    async def _answer(self, fhir_server: str, patient_id: str, token: str | None) -> FastAnswer:
+        if self.trust_notifications:
+            return await self._answer_notified(fhir_server, patient_id)
+        try:
+            current = await fingerprint_async(self.http(), fhir_server, patient_id, token)
+        except CurrencyError as exc:
+            reason = "patient not found" if exc.status == 404 else "the FHIR server is unavailable"
+            if exc.status in (401, 403):
+                reason = f"FHIR access refused ({exc.status})"
+            return FastAnswer("unavailable", [], reason=reason)
+        # The database read is sync SQLAlchemy; a memory hit never leaves the event loop.
+        stored = self.cache.lookup(fhir_server, patient_id, current)
+        if stored is not None and stored.fingerprint == current:
+            return FastAnswer("current", stored.cards, analysis_id=stored.analysis_id)
+        state: State = "miss" if stored is None else "stale"
+        queued = await self.enqueue(fhir_server, patient_id) if self.enqueue else False
+        return FastAnswer(state, self.in_progress(state, self.enqueue is not None), queued)
+
+    async def _answer_notified(self, fhir_server: str, patient_id: str) -> FastAnswer:
+        """MMCDS_CURRENCY_CHECK=notifications: the stored row says whether it is current
+        (``/fhir-notify`` marks it stale), read from the database on every hook so that every
+        process sees a mark at once. No FHIR request."""
+        stored = self.cache.store.get_answer(fhir_server, patient_id)
+        if stored is not None and stored.fingerprint != STALE:
+            return FastAnswer("current", stored.cards, analysis_id=stored.analysis_id)
+        state: State = "miss" if stored is None else "stale"
+        queued = await self.enqueue(fhir_server, patient_id) if self.enqueue else False
+        return FastAnswer(state, self.in_progress(state, self.enqueue is not None), queued)
