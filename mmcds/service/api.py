@@ -45,6 +45,8 @@ from mmcds.service.hooks import SERVICES, ContextRejected, HookService, check_co
 from mmcds.service.hooks import imaging_orders as imaging_orders_of
 from mmcds.service.outbox import OutboxWorker
 from mmcds.service.replay import replay_cache
+from mmcds.service.review import router as review_router
+from mmcds.service.review import with_review_links
 from mmcds.service.schema import (
     CardsResponse,
     Discovery,
@@ -127,6 +129,7 @@ def create_app(settings: Settings, pipeline: Pipeline | None = None) -> FastAPI:
     )
     app.include_router(router)
     app.include_router(feedback_router)
+    app.include_router(review_router)
     app.openapi = _openapi_with_bodies(app)  # type: ignore[method-assign]
     return app
 
@@ -233,6 +236,7 @@ async def hook(
         return JSONResponse(outcome, status_code=412)
     cards = hook_cards(spec, result, orders)
     if result.analysis is not None:
+        cards = with_review_links(request, cards, service_id, result.analysis.identifier)
         for card in cards:
             for card_uuid in card_uuids(card):
                 await run_in_threadpool(
