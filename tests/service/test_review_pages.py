@@ -1,0 +1,174 @@
+"""The review page and the worklist over HTTP (no browser): links from a real hook's card,
+refused tokens, the login, feedback from the page into the feedback store, no identifiers in
+URLs."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import SecretStr
+from fastapi.testclient import TestClient
+
+from mmcds.fusion.pipeline import Pipeline
+from mmcds.service.api import create_app
+from mmcds.service.auth import sign_hook_jwt
+from mmcds.service.review.tokens import Tokens, TokenRefused, check_password, hash_password
+from mmcds.settings import Settings
+
+PASSWORD = "correct horse battery staple"
+CLINICIANS = {"dr.a": hash_password(PASSWORD)}
+URL_ATTRS = re.compile(r'(?:href|src|action|data-src)="([^"]*)"')
+
+
+@pytest.fixture
+def reviewed(
+    make_settings: Callable[..., Any],
+    pipeline: Pipeline,
+    fhir_url: str,
+    dicomweb: Any,
+    load_cohort: Callable[[Path | None], list[str]],
+    ehr_key: Any,
+    tmp_path: Path,
+) -> Iterator[tuple[TestClient, dict[str, Any], list[str]]]:
+    """A service that answered a real patient-view hook: (client, the card, patient ids)."""
+    ids = load_cohort(None)
+    settings = make_settings([fhir_url], dicomweb, home=tmp_path, clinicians=CLINICIANS)
+    with TestClient(create_app(settings, pipeline)) as client:
+        body = {
+            "hookInstance": "d1577c69-dfbe-44ad-ba6d-3e05e953b2ea",
+            "hook": "patient-view",
+            "fhirServer": fhir_url,
+            "context": {"userId": "Practitioner/1", "patientId": ids[0]},
+        }
+        response = call(client, settings, ehr_key, body)
+        assert response.status_code == 200, response.text
+        yield client, response.json()["cards"][0], ids
+
+
+def call(client: Any, settings: Settings, key: Any, body: dict[str, Any]) -> Any:
+    """A patient-view hook as the EHR sends it (JWT for the exact endpoint URL)."""
+    path = "/cds-services/mmcds-patient-view"
+    (issuer,) = settings.trusted_issuers
+    token = sign_hook_jwt(
+        key, issuer=issuer, audience=f"{settings.public_base_url}{path}", kid=key.kid
+    )
+    return client.post(path, json=body, headers={"Authorization": f"Bearer {token}"})
+
+
+def _path(card: dict[str, Any]) -> str:
+    (link,) = card["links"]
+    assert link["type"] == "absolute" and link["url"].startswith("http://testserver/review/")
+    return link["url"].removeprefix("http://testserver")
+
+
+def test_card_link_opens_the_review_page_without_identifiers_in_urls(
+    reviewed: tuple[TestClient, dict[str, Any], list[str]],
+) -> None:
+    client, card, ids = reviewed
+    path = _path(card)
+    assert ids[0] not in path  # the token is opaque: encrypted, not just signed
+    page = client.get(path)
+    assert page.status_code == 200
+    html = page.text
+    assert "AI risk summary" in html and "Pneumonia" in html
+    assert page.headers["referrer-policy"] == "no-referrer"
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+    urls = URL_ATTRS.findall(html)
+    assert any("/heatmap/" in u for u in urls) and any("/image/" in u for u in urls)
+    assert any("/note/" in u for u in urls)
+    for url in urls:
+        assert ids[0] not in url and "Patient" not in url, url
+        assert not re.search(r"\d+\.\d+\.\d+\.\d+", url.split("#")[0]), url  # no DICOM UIDs
+    # every asset it names is served by the service itself
+    for url in re.findall(r'(?:href|src|data-src)="(/[^"#]*)"', html):
+        assert client.get(url).status_code == 200, url
+
+
+def test_expired_and_forged_links_get_403_and_no_data(
+    reviewed: tuple[TestClient, dict[str, Any], list[str]],
+) -> None:
+    client, card, ids = reviewed
+    path = _path(card)
+    token = path.rsplit("/", 1)[1]
+    tokens: Tokens = client.app.state.review_tokens  # type: ignore[attr-defined]
+    grant = tokens.open_review(token)
+    expired = tokens.review_link(grant.analysis_id, ttl_s=-1)
+    tampered = token[:-6] + ("AAAAAA" if not token.endswith("AAAAAA") else "BBBBBB")
+    other_key = Tokens.from_settings(
+        client.app.state.settings.model_copy(update={"review_secret": SecretStr("x" * 40)})  # type: ignore[attr-defined]
+    ).review_link(grant.analysis_id)
+    for bad in (expired, tampered, other_key, "not-a-token"):
+        for url in (f"/review/{bad}", f"/review/{bad}/note/0", f"/review/{bad}/image/0.png"):
+            response = client.get(url)
+            assert response.status_code == 403, url
+            assert ids[0] not in response.text and "Pneumonia" not in response.text
+        posted = client.post(f"/review/{bad}/feedback", data={"outcome": "accepted"})
+        assert posted.status_code == 403
+
+
+def test_override_from_the_page_lands_in_the_feedback_store(
+    reviewed: tuple[TestClient, dict[str, Any], list[str]],
+) -> None:
+    client, card, _ = reviewed
+    path = _path(card)
+    refused = client.post(f"{path}/feedback", data={"outcome": "overridden", "reason": "nope"})
+    assert refused.status_code == 400  # an override needs one of the card's reasons
+    done = client.post(
+        f"{path}/feedback",
+        data={"outcome": "overridden", "reason": "already-known", "comment": "seen on CT"},
+        follow_redirects=False,
+    )
+    assert done.status_code == 303
+    store = client.app.state.feedback  # type: ignore[attr-defined]
+    (stored,) = store.list()
+    assert stored.card_uuid == card["uuid"] and stored.source == "review-page"
+    assert stored.outcome == "overridden" and stored.override_reason.code == "already-known"
+    assert stored.user_comment == "seen on CT" and stored.analysis_id is not None
+    assert "Recorded." in client.get(done.headers["location"]).text
+
+
+def test_worklist_needs_a_login_and_lists_the_patient(
+    reviewed: tuple[TestClient, dict[str, Any], list[str]],
+) -> None:
+    client, _, ids = reviewed
+    assert client.get("/worklist", follow_redirects=False).status_code == 303
+    bad = client.post("/login", data={"user": "dr.a", "password": "wrong"})
+    assert bad.status_code == 401 and "mmcds_session" not in client.cookies
+    client.cookies.set("mmcds_session", "forged")
+    assert client.get("/worklist", follow_redirects=False).status_code == 303
+    client.cookies.clear()
+    good = client.post("/login", data={"user": "dr.a", "password": PASSWORD})
+    assert good.status_code == 200 and good.url.path == "/worklist"
+    assert ids[0] in good.text
+    for url in URL_ATTRS.findall(good.text):
+        assert ids[0] not in url, url
+    link = re.search(r'href="(/review/[^"]+)"', good.text)
+    assert link is not None and client.get(link.group(1)).status_code == 200
+
+
+def test_passwords_are_checked_against_scrypt_hashes() -> None:
+    users = {"a": hash_password("pw-a")}
+    assert check_password(users, "a", "pw-a")
+    assert not check_password(users, "a", "pw-b")
+    assert not check_password(users, "b", "pw-a")
+    assert not check_password({"a": "plain-text"}, "a", "plain-text")
+
+
+def test_session_tokens_do_not_open_review_pages(tmp_path: Path) -> None:
+    tokens = Tokens.from_settings(Settings(home=tmp_path))
+    session = tokens.session("dr.a")
+    with pytest.raises(TokenRefused):
+        tokens.open_review(session)
+    assert tokens.open_session(session) == "dr.a"
+    again = Tokens.from_settings(Settings(home=tmp_path))  # the secret file is reused
+    assert again.open_session(session) == "dr.a"
+    link = tokens.review_link("abc", ttl_s=1)
+    assert tokens.open_review(link).analysis_id == "abc"
+    time.sleep(1.1)
+    with pytest.raises(TokenRefused):
+        tokens.open_review(link)
