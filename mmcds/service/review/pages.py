@@ -151,7 +151,10 @@ def heatmap(request: Request, token: str, index: int, finding: str, method: str)
 
 def _note_segments(text: str, spans: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The note as plain and marked segments; overlapping spans share one mark."""
-    marks = sorted((s["start"], s["end"], s) for s in spans if 0 <= s["start"] < s["end"])
+    marks = sorted(
+        ((s["start"], s["end"], s) for s in spans if 0 <= s["start"] < s["end"]),
+        key=lambda m: (m[0], m[1]),
+    )
     segments: list[dict[str, Any]] = []
     pos = 0
     for start, end, span in marks:

@@ -268,7 +268,8 @@ def images_view(stored: StoredAnalysis, inputs: Inputs) -> list[dict[str, Any]]:
                 "site": meta.get("site") or "",
                 "acquired": (meta.get("acquired") or "")[:16],
                 "layers": layers,
-                "methods": sorted({s.method for s in maps}),
+                # the CNN's map first: it is the one that localises (README, Figures)
+                "methods": sorted({s.method for s in maps}, key=lambda m: not m.endswith("cnn")),
             }
         )
     return out
