@@ -11,13 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pydantic import SecretStr
 from fastapi.testclient import TestClient
+from pydantic import SecretStr
 
 from mmcds.fusion.pipeline import Pipeline
 from mmcds.service.api import create_app
 from mmcds.service.auth import sign_hook_jwt
-from mmcds.service.review.tokens import Tokens, TokenRefused, check_password, hash_password
+from mmcds.service.review.tokens import TokenRefused, Tokens, check_password, hash_password
 from mmcds.settings import Settings
 
 PASSWORD = "correct horse battery staple"
@@ -172,3 +172,55 @@ def test_session_tokens_do_not_open_review_pages(tmp_path: Path) -> None:
     time.sleep(1.1)
     with pytest.raises(TokenRefused):
         tokens.open_review(link)
+
+
+def _summary(pid: str, hours_ago: float, findings: list[tuple[str, float, str]], site: str) -> Any:
+    from datetime import UTC, datetime, timedelta
+
+    from mmcds.service.analysis_store import StoredSummary
+
+    assessment = {
+        "trained": True,
+        "subset": "image+labs+text",
+        "sites": [site],
+        "findings": [
+            {
+                "finding": name,
+                "probability": p,
+                "warning_threshold": 0.2,
+                "critical_threshold": 0.7,
+                "status": status,
+                "reason": None if status == "assessed" else "inputs outside the validated range",
+            }
+            for name, p, status in findings
+        ],
+    }
+    created = datetime.now(UTC) - timedelta(hours=hours_ago)
+    return StoredSummary(f"id-{pid}-{hours_ago}", pid, assessment, created)
+
+
+def test_worklist_ranks_critical_first_and_lists_the_unassessed_apart() -> None:
+    from mmcds.service.review.worklist import worklist_rows
+
+    summaries = [  # newest first, as the store returns them
+        _summary("p-warn-high", 1, [("pneumonia", 0.6, "assessed")], "A"),
+        _summary(
+            "p-crit", 2, [("pneumonia", 0.75, "assessed"), ("pneumothorax", 0.1, "assessed")], "B"
+        ),
+        _summary("p-info", 3, [("heart_failure", 0.1, "assessed")], "A"),
+        _summary("p-warn-low", 4, [("heart_failure", 0.3, "assessed")], "A"),
+        _summary("p-held", 5, [("pneumonia", 0.99, "abstained")], "A"),
+        _summary("p-crit", 30, [("pneumonia", 0.01, "assessed")], "B"),  # superseded
+    ]
+    ranked, apart = worklist_rows(summaries)
+    assert [r["patient_id"] for r in ranked] == ["p-crit", "p-warn-high", "p-warn-low", "p-info"]
+    assert [r["level"] for r in ranked] == ["critical", "warning", "warning", "info"]
+    # an abstained 99% is never ranked as a risk: it is listed apart, with its reason
+    assert [r["patient_id"] for r in apart] == ["p-held"]
+    assert "outside the validated range" in apart[0]["held"][0]
+    by = lambda **kw: [r["patient_id"] for r in worklist_rows(summaries, **kw)[0]]  # noqa: E731
+    assert by(site="B") == ["p-crit"]
+    assert by(level="warning") == ["p-warn-high", "p-warn-low"]
+    assert by(finding="heart_failure") == ["p-warn-low", "p-info"]
+    assert worklist_rows(summaries, finding="heart_failure")[1] == []
+    assert by(max_age_h=2.5) == ["p-crit", "p-warn-high"]

@@ -1,8 +1,11 @@
 """Opaque, expiring review links and clinician sessions; clinicians' password hashes.
 
-A card's review link is ``<public base>/review/<token>``. The token is a compact JWE (``dir`` +
-``A256GCM``, joserfc) under the service's review secret: encrypted, so the URL reveals nothing
-(not even the analysis id), and authenticated, so a forged or altered token does not decrypt.
+A card's review link is ``<public base>/review/<token>``. The token is AES-256-GCM
+(``cryptography``) over a small JSON claim set, with a random 96-bit nonce, under a key derived
+from the service's review secret: encrypted, so the URL reveals nothing (not even the analysis
+id), and authenticated, so a forged or altered token does not decrypt. (A compact JWE with
+``dir``/``A256GCM`` is the same construction; joserfc's took 0.5 ms a token, which is most of
+the worklist's time over 500 rows.)
 It carries the analysis id, the card's uuid and service id (for feedback) and an expiry. The
 worklist's session cookie is the same kind of token with the clinician's user name.
 
@@ -22,15 +25,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from joserfc import jwe
-from joserfc.errors import JoseError
-from joserfc.jwk import OctKey
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from mmcds.errors import AuthError
 from mmcds.settings import Settings
 
 SECRET_FILE = "review-secret"
-_HEADER = {"alg": "dir", "enc": "A256GCM"}
+_AAD = b"mmcds-review-token-v1"
 _SCRYPT = {"n": 2**14, "r": 8, "p": 1}
 
 
@@ -38,7 +40,7 @@ class TokenRefused(AuthError):
     """A review token or session that is expired, forged, altered or of the wrong kind."""
 
 
-def review_key(settings: Settings) -> OctKey:
+def review_key(settings: Settings) -> bytes:
     """The 256-bit key derived from the configured secret, or from one created once under
     ``MMCDS_HOME`` (exclusive create: concurrent workers end up with the same file)."""
     if settings.review_secret is not None and settings.review_secret.get_secret_value():
@@ -56,7 +58,7 @@ def review_key(settings: Settings) -> OctKey:
             secret = secrets.token_urlsafe(48).encode("ascii")
             with os.fdopen(fd, "wb") as f:
                 f.write(secret)
-    return OctKey.import_key(hashlib.sha256(b"mmcds-review|" + secret).digest())
+    return hashlib.sha256(b"mmcds-review|" + secret).digest()
 
 
 @dataclass(frozen=True)
@@ -72,8 +74,8 @@ class ReviewGrant:
 class Tokens:
     """Mints and opens review links and session cookies with one key."""
 
-    def __init__(self, key: OctKey, *, link_ttl_s: int, session_ttl_s: int) -> None:
-        self.key = key
+    def __init__(self, key: bytes, *, link_ttl_s: int, session_ttl_s: int) -> None:
+        self.aead = AESGCM(key)
         self.link_ttl_s = link_ttl_s
         self.session_ttl_s = session_ttl_s
 
@@ -86,14 +88,17 @@ class Tokens:
         )
 
     def _seal(self, claims: Mapping[str, object]) -> str:
-        return jwe.encrypt_compact(_HEADER, json.dumps(claims).encode("utf-8"), self.key)
+        nonce = secrets.token_bytes(12)
+        sealed = self.aead.encrypt(nonce, json.dumps(claims).encode("utf-8"), _AAD)
+        return _b64(nonce + sealed)
 
     def _open(self, token: str, kind: str) -> dict[str, object]:
         if len(token) > 2048:
             raise TokenRefused("token too long")
         try:
-            claims = json.loads(jwe.decrypt_compact(token, self.key).plaintext or b"")
-        except (JoseError, ValueError, TypeError) as exc:
+            raw = _unb64(token)
+            claims = json.loads(self.aead.decrypt(raw[:12], raw[12:], _AAD))
+        except (InvalidTag, ValueError, TypeError) as exc:
             raise TokenRefused("token does not open with this service's key") from exc
         if not isinstance(claims, dict) or claims.get("k") != kind:
             raise TokenRefused(f"not a {kind} token")

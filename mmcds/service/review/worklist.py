@@ -135,6 +135,8 @@ def worklist_rows(
             and row["created"] < now - timedelta(hours=max_age_h)
         ):
             continue
+        if not row["top"] and not row["held"]:
+            continue  # filtered by a finding this analysis does not score
         if row["top"]:
             if level is None or row["level"] == level:
                 ranked.append(row)
