@@ -224,3 +224,30 @@ def test_worklist_ranks_critical_first_and_lists_the_unassessed_apart() -> None:
     assert by(finding="heart_failure") == ["p-warn-low", "p-info"]
     assert worklist_rows(summaries, finding="heart_failure")[1] == []
     assert by(max_age_h=2.5) == ["p-crit", "p-warn-high"]
+
+
+def test_evidence_shows_direction_and_assertion_when_the_explain_stage_gives_them() -> None:
+    from dataclasses import dataclass
+
+    from mmcds.records import EvidenceSpan
+    from mmcds.service.review.view import evidence_view
+
+    @dataclass(frozen=True)
+    class Labelled(EvidenceSpan):  # the fields issue 21 adds to EvidenceSpan
+        direction: str = "supports"
+        assertion: str = "affirmed"
+
+    text = "HPI: cough.\nIMPRESSION: No focal consolidation. Fever to 39."
+    notes = [{"reference": "DocumentReference/n1", "note_type": "Progress note", "date": None}]
+    start = text.index("No focal")
+    spans = [
+        Labelled("pneumonia", "DocumentReference/n1", "IMPRESSION", start, start + 23,
+                 text[start : start + 23], -0.4, "argues_against", "negated"),
+        EvidenceSpan("pneumonia", "DocumentReference/n1", None, text.index("Fever"),
+                     len(text), "Fever to 39.", 0.3),
+    ]  # fmt: skip
+    (neg, plain) = evidence_view(spans, notes, {0: text})["pneumonia"]
+    assert neg["direction"] == "argues against" and neg["assertion"] == "negated"
+    assert neg["before"].endswith("IMPRESSION: ") and neg["note"] == 0
+    # without the labels: the direction from the score's sign, no assertion claimed
+    assert plain["direction"] == "supports" and plain["assertion"] is None

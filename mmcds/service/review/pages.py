@@ -25,7 +25,7 @@ from mmcds.service.cards import OVERRIDE_REASONS
 from mmcds.service.feedback import Feedback, OverrideReason
 from mmcds.service.review.imaging import PRESETS, heatmap_png, windowed_png
 from mmcds.service.review.tokens import ReviewGrant, TokenRefused
-from mmcds.service.review.view import Inputs, review_context
+from mmcds.service.review.view import Inputs, assertion, direction, review_context
 from mmcds.service.review.web import (
     STATIC,
     analyses_of,
@@ -193,9 +193,8 @@ def note(request: Request, token: str, index: int) -> Response:
             "start": e.start,
             "end": e.end,
             "finding": e.finding,
-            "direction": getattr(e, "direction", None)
-            or ("supports" if e.score >= 0 else "argues against"),
-            "assertion": getattr(e, "assertion", None),
+            "direction": direction(e),
+            "assertion": assertion(e),
         }
         for k, e in enumerate(stored.explanation.evidence)
         if e.note_ref == meta["reference"] and text[e.start : e.end] == e.text

@@ -104,13 +104,20 @@ def missing_view(assessment: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _direction(e: EvidenceSpan) -> str:
+def direction(e: EvidenceSpan) -> str:
     """Supports / argues against: the explain stage's label when it gives one, else the sign
     of the span's effect on the finding's logit (which is what the label is made from)."""
     given = getattr(e, "direction", None)
     if given:
         return str(given).replace("_", " ")
     return "supports" if e.score >= 0 else "argues against"
+
+
+def assertion(e: EvidenceSpan) -> str | None:
+    """Negated / uncertain / historical / family, when the explain stage says so; nothing for
+    an affirmed sentence (or a stage that does not label assertions)."""
+    given = getattr(e, "assertion", None)
+    return None if given in (None, "", "affirmed", "present") else str(given)
 
 
 def evidence_view(
@@ -128,7 +135,6 @@ def evidence_view(
         else:
             before = after = ""
         meta = notes[i] if i is not None else {}
-        assertion = getattr(e, "assertion", None)
         by_finding.setdefault(e.finding, []).append(
             {
                 "id": k,
@@ -139,8 +145,8 @@ def evidence_view(
                 "before": ("…" if e.start > CONTEXT_CHARS else "") + before,
                 "span": e.text,
                 "after": after + ("…" if text and e.end + CONTEXT_CHARS < len(text) else ""),
-                "direction": _direction(e),
-                "assertion": None if assertion in (None, "", "present", "affirmed") else assertion,
+                "direction": direction(e),
+                "assertion": assertion(e),
                 "score": e.score,
             }
         )
@@ -318,7 +324,6 @@ def review_context(
         "labs": labs_view(stored.explanation.labs, inputs.labs),
         "modalities": modalities_view(stored),
         "validation": validation_view(subsets, a.get("subset", "")),
-        "by_name": {f["name"]: f for f in findings},
     }
 
 
