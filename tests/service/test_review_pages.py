@@ -251,3 +251,25 @@ def test_evidence_shows_direction_and_assertion_when_the_explain_stage_gives_the
     assert neg["before"].endswith("IMPRESSION: ") and neg["note"] == 0
     # without the labels: the direction from the score's sign, no assertion claimed
     assert plain["direction"] == "supports" and plain["assertion"] is None
+
+
+def test_validation_figures_and_operating_points_in_words() -> None:
+    from mmcds.fusion.validation import NEVER, FindingValidation
+    from mmcds.records import FindingScore
+    from mmcds.service.review.view import operating_point, validation_view
+
+    passed = FindingValidation(120, 30, 0.91, (0.85, 0.96), 1.2, 0.2, 0.12, 0.6, 0.95, 0.7, 0.96,
+                               0.91, validated=True, critical_allowed=True)  # fmt: skip
+    failed = FindingValidation(120, 3, None, None, 0.0, 0.0, NEVER, NEVER, None, None, None,
+                               None, reasons=["too few positives"])  # fmt: skip
+    subsets = {"labs+text": {"findings": {"pneumonia": passed.to_json(),
+                                          "pneumothorax": failed.to_json()}}}  # fmt: skip
+    rows = {r["display"]: r for r in validation_view(subsets, "labs+text")}
+    assert rows["Pneumonia"]["auroc"] == "0.910" and rows["Pneumonia"]["ci"] == "0.850–0.960"
+    assert rows["Pneumonia"]["sens"] == "95%" and rows["Pneumonia"]["validated"]
+    assert not rows["Pneumothorax"]["validated"] and "too few" in rows["Pneumothorax"]["reasons"]
+    assert validation_view(subsets, "image+labs+text") == []  # another subset: no figures
+    words = operating_point(FindingScore("pneumonia", 0.3, 0.12, NEVER))
+    assert "Warning from 12%" in words and "never critical" in words
+    held = operating_point(FindingScore("pneumonia", 0.9, 0.1, 0.5, "abstained", "OOD labs"))
+    assert "never raises an alert" in held
