@@ -36,6 +36,7 @@ from mmcds.records import (
 FORMAT = "mmcds-explanation-v1"
 # Blob names of the inputs kept for the review page (``record_blobs``).
 PIXELS, NOTE, INPUTS = "pixels", "note", "inputs"
+ASSESSMENT_CACHE = 20_000
 
 
 @dataclass
@@ -247,6 +248,9 @@ class AnalysisStore:
         self.dialect = self.engine.dialect.name
         self.analyses, self.blobs = _tables(MetaData())
         create_tables(self.engine, self.analyses, self.blobs, purpose="analysis store")
+        # Parsed assessments by identifier for ``recent``: a stored row never changes (the first
+        # write wins), so the cache cannot go stale; bounded by dropping it whole when full.
+        self._assessments: dict[str, dict[str, Any]] = {}
 
     def close(self) -> None:
         self.engine.dispose()
@@ -324,8 +328,16 @@ class AnalysisStore:
         query = query.order_by(a.c.created_at.desc()).limit(limit)
         with self.engine.connect() as conn:
             rows = conn.execute(query).all()
+        if len(self._assessments) > ASSESSMENT_CACHE:
+            self._assessments.clear()
+        cache = self._assessments
         return [
-            StoredSummary(r.identifier, r.patient_id, json.loads(r.assessment), r.created_at)
+            StoredSummary(
+                r.identifier,
+                r.patient_id,
+                cache.get(r.identifier) or cache.setdefault(r.identifier, json.loads(r.assessment)),
+                r.created_at,
+            )
             for r in rows
         ]
 

@@ -76,6 +76,22 @@ def logout() -> Response:
     return response
 
 
+# Rows by (analysis, finding filter): an analysis never changes, so neither does its row (the
+# age and the link are added per request). Bounded by dropping it whole when full.
+_ROWS: dict[tuple[str, str | None], dict[str, Any]] = {}
+ROW_CACHE = 20_000
+
+
+def _cached_row(s: StoredSummary, finding: str | None) -> dict[str, Any]:
+    if len(_ROWS) > ROW_CACHE:
+        _ROWS.clear()
+    key = (s.identifier, finding)
+    row = _ROWS.get(key)
+    if row is None:
+        row = _ROWS[key] = _row(s, finding)
+    return dict(row)
+
+
 def _row(s: StoredSummary, finding: str | None) -> dict[str, Any]:
     trained = bool(s.assessment.get("trained"))
     found = [f for f in scores(s.assessment) if finding is None or f.finding == finding]
@@ -106,7 +122,6 @@ def _row(s: StoredSummary, finding: str | None) -> dict[str, Any]:
         "subset": s.assessment.get("subset", ""),
         "trained": trained,
         "created": created,
-        "age": age_words(created),
     }
 
 
@@ -128,7 +143,7 @@ def worklist_rows(
     for s in newest.values():
         if site and site not in (s.assessment.get("sites") or []):
             continue
-        row = _row(s, finding)
+        row = _cached_row(s, finding)
         if (
             max_age_h is not None
             and row["created"]
@@ -137,6 +152,7 @@ def worklist_rows(
             continue
         if not row["top"] and not row["held"]:
             continue  # filtered by a finding this analysis does not score
+        row["age"] = age_words(row["created"], now)
         if row["top"]:
             if level is None or row["level"] == level:
                 ranked.append(row)
