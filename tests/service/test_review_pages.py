@@ -273,3 +273,20 @@ def test_validation_figures_and_operating_points_in_words() -> None:
     assert "Warning from 12%" in words and "never critical" in words
     held = operating_point(FindingScore("pneumonia", 0.9, 0.1, 0.5, "abstained", "OOD labs"))
     assert "never raises an alert" in held
+
+
+def test_access_logs_never_carry_a_review_token() -> None:
+    import logging
+
+    from mmcds.service.review.web import RedactReviewTokens
+
+    record = logging.LogRecord(
+        "uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d',
+        ("127.0.0.1:5", "GET", "/review/SECRETTOKEN/image/0.png?preset=lung", "1.1", 200), None,
+    )  # fmt: skip
+    assert RedactReviewTokens().filter(record)
+    assert "SECRETTOKEN" not in record.getMessage()
+    assert "/review/<redacted>/image/0.png?preset=lung" in record.getMessage()
+    assert any(
+        isinstance(f, RedactReviewTokens) for f in logging.getLogger("uvicorn.access").filters
+    )

@@ -3,6 +3,8 @@ form bodies read without a multipart dependency."""
 
 from __future__ import annotations
 
+import logging
+import re
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
@@ -34,6 +36,27 @@ HEADERS = {
     "Cache-Control": "no-store",
     "X-Content-Type-Options": "nosniff",
 }
+
+
+_TOKEN_IN_PATH = re.compile(r"(/review/)[^/?#\s]+")
+
+
+class RedactReviewTokens(logging.Filter):
+    """Access logs show ``/review/<redacted>``: a review token opens a patient's page, so it
+    is a credential and never goes into a log (DESIGN §6)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                _TOKEN_IN_PATH.sub(r"\1<redacted>", a) if isinstance(a, str) else a
+                for a in record.args
+            )
+        return True
+
+
+_access = logging.getLogger("uvicorn.access")
+if not any(isinstance(f, RedactReviewTokens) for f in _access.filters):
+    _access.addFilter(RedactReviewTokens())
 
 
 def settings_of(request: Request) -> Settings:
