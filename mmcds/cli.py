@@ -55,6 +55,15 @@ def load(
         raise typer.Exit(1)
 
 
+@app.command("hash-password")
+def hash_password_command() -> None:
+    """A password hash for MMCDS_CLINICIANS (the worklist's login); the password is prompted."""
+    from mmcds.service.review.tokens import hash_password
+
+    password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+    typer.echo(hash_password(password))
+
+
 @app.command()
 def serve(
     workers: Annotated[

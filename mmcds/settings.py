@@ -75,6 +75,15 @@ class Settings(BaseSettings):
     # Browser-based CDS clients allowed by CORS (preflight needs no JWT; hooks still do).
     cors_origins: list[str] = Field(default_factory=lambda: ["*"])
 
+    # Review pages and the worklist (``mmcds.service.review``). Links on cards carry a token
+    # encrypted and signed with this secret (32+ characters); empty: a random one is created
+    # once in $MMCDS_HOME/review-secret (every worker of one host then shares it).
+    review_secret: SecretStr | None = None
+    review_link_ttl_s: int = 8 * 3600  # how long a card's review link opens its page
+    # Clinicians who may open the worklist: user name -> ``mmcds hash-password`` output.
+    clinicians: dict[str, str] = Field(default_factory=dict)
+    session_ttl_s: int = 12 * 3600  # a worklist login lasts one shift
+
     # PyTorch intra-op threads per service process. One: measured (benchmarks/explain.py) a
     # 4-5x slowdown with 2 threads when the cores are shared; scale with processes instead.
     torch_threads: int = 1

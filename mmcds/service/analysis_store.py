@@ -18,6 +18,8 @@ from datetime import datetime
 from typing import Any
 
 import numpy as np
+import pandas as pd
+from PIL import Image
 from sqlalchemy import Column, DateTime, LargeBinary, MetaData, String, Table, Text, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 
@@ -29,9 +31,13 @@ from mmcds.records import (
     ImageSaliency,
     LabContribution,
     ModalityShapley,
+    PatientRecord,
 )
 
 FORMAT = "mmcds-explanation-v1"
+# Blob names of the inputs kept for the review page (``record_blobs``).
+PIXELS, NOTE, INPUTS = "pixels", "note", "inputs"
+ASSESSMENT_CACHE = 20_000
 
 
 @dataclass
@@ -40,6 +46,14 @@ class StoredAnalysis:
     patient_id: str
     assessment: dict[str, Any]  # findings with probability, thresholds, level; model versions
     explanation: Explanation
+    created_at: datetime | None
+
+
+@dataclass
+class StoredSummary:
+    identifier: str
+    patient_id: str
+    assessment: dict[str, Any]
     created_at: datetime | None
 
 
@@ -121,6 +135,11 @@ def assessment_dict(analysis: Analysis) -> dict[str, Any]:
         "modalities_used": list(a.modalities_used),
         "subset": a.subset,
         "out_of_distribution": dict(a.out_of_distribution),
+        # for the worklist's site filter (no PHI: the site names of the images' scanners)
+        # what the model could not use, in words (``Missing.reason``; never the reference)
+        "missing": [{"modality": m.modality, "reason": m.reason} for m in analysis.record.missing],
+        "unused_modalities": list(a.unused_modalities),
+        "sites": sorted({im.site for im in analysis.record.images if im.site}),
         "findings": [
             {
                 "finding": f.finding,
@@ -208,6 +227,60 @@ def explanation_from_json(data: dict[str, Any], blobs: dict[str, bytes]) -> Expl
     )
 
 
+def explanation_blobs(explanation: Explanation) -> list[tuple[str, str, bytes]]:
+    blobs = []
+    for s in explanation.images:
+        heat = _npy(s.heatmap.astype(np.float32))
+        blobs.append((_blob_name(s, "heatmap"), "application/x-npy", heat))
+        if s.overlay_png:
+            blobs.append((_blob_name(s, "overlay"), "image/png", s.overlay_png))
+    return blobs
+
+
+def _pixels_png(pixels: np.ndarray) -> bytes:
+    """[0, 1] float pixels as a lossless 16-bit grey PNG: the review page windows it."""
+    grey = (np.clip(np.nan_to_num(pixels), 0, 1) * 65535).round().astype(np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(grey).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def record_blobs(record: PatientRecord) -> list[tuple[str, str, bytes]]:
+    """What the model saw, kept with the analysis for the review page: the decoded images,
+    the notes' text and the labs' values over the window. A snapshot, not a live read: a
+    clinician reviews the inputs as they were analysed, and reading back needs no EHR token."""
+    blobs = [
+        (f"{PIXELS}/{i}", "image/png", _pixels_png(im.pixels)) for i, im in enumerate(record.images)
+    ]
+    images = [
+        {"sop_uid": im.sop_uid, "view": im.view, "site": im.site, "acquired": _iso(im.acquired)}
+        for im in record.images
+    ]
+    notes = [
+        {"reference": n.reference, "note_type": n.note_type, "date": _iso(n.date)}
+        for n in record.notes
+    ]
+    blobs += [
+        (f"{NOTE}/{i}", "text/plain", n.text.encode("utf-8")) for i, n in enumerate(record.notes)
+    ]
+    labs: dict[str, list[list[Any]]] = {}
+    frame = record.labs.dropna(subset=["name", "value", "time"])
+    for name, value, when in zip(frame["name"], frame["value"], frame["time"], strict=True):
+        number = _clean(_number(value))
+        if number is not None:
+            labs.setdefault(str(name), []).append([pd.Timestamp(when).isoformat(), number])
+    index = {"images": images, "notes": notes, "labs": {k: sorted(v) for k, v in labs.items()}}
+    blobs.append((INPUTS, "application/json", json.dumps(index).encode("utf-8")))
+    return blobs
+
+
+def _number(value: Any) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
 class AnalysisStore:
     """``put`` an analysis with its explanation, ``get`` it back by identifier."""
 
@@ -218,6 +291,9 @@ class AnalysisStore:
         create_tables(self.engine, self.analyses, self.blobs, purpose="analysis store")
         self.answers = _answers_table(MetaData())
         create_tables(self.engine, self.answers, purpose="analysis store")
+        # Parsed assessments by identifier for ``recent``: a stored row never changes (the first
+        # write wins), so the cache cannot go stale; bounded by dropping it whole when full.
+        self._assessments: dict[str, dict[str, Any]] = {}
 
     def close(self) -> None:
         self.engine.dispose()
@@ -234,6 +310,7 @@ class AnalysisStore:
         an identifier fixes the inputs and model versions, so the explanation is the same)."""
         if explanation.analysis_id != analysis.identifier:
             raise ValueError("the explanation belongs to another analysis")
+        blobs = explanation_blobs(explanation) + record_blobs(analysis.record)
         row = {
             "identifier": analysis.identifier,
             "patient_id": analysis.record.patient.id,
@@ -241,13 +318,6 @@ class AnalysisStore:
             "assessment": json.dumps(assessment_dict(analysis)),
             "explanation": json.dumps(explanation_json(explanation)),
         }
-        blobs = []
-        for s in explanation.images:
-            blobs.append(
-                (_blob_name(s, "heatmap"), "application/x-npy", _npy(s.heatmap.astype(np.float32)))
-            )
-            if s.overlay_png:
-                blobs.append((_blob_name(s, "overlay"), "image/png", s.overlay_png))
         with self.engine.begin() as conn:  # one transaction: never an analysis without its maps
             # RETURNING says whether this writer inserted (rowcount is not portable here)
             stmt = self._insert(self.analyses, ["identifier"]).returning(self.analyses.c.identifier)
@@ -282,6 +352,37 @@ class AnalysisStore:
             explanation=explanation_from_json(json.loads(row.explanation), blobs),
             created_at=row.created_at,
         )
+
+    def blob(self, identifier: str, name: str) -> bytes | None:
+        """One stored binary by name (``PIXELS``/i, ``NOTE``/i, ``INPUTS``, heatmaps)."""
+        b = self.blobs
+        with self.engine.connect() as conn:
+            data = conn.execute(
+                select(b.c.data).where(b.c.identifier == identifier, b.c.name == name)
+            ).scalar_one_or_none()
+        return bytes(data) if data is not None else None
+
+    def recent(self, *, since: datetime | None = None, limit: int = 500) -> list[StoredSummary]:
+        """The newest analyses first, without their explanations (the worklist)."""
+        a = self.analyses
+        query = select(a.c.identifier, a.c.patient_id, a.c.assessment, a.c.created_at)
+        if since is not None:
+            query = query.where(a.c.created_at >= since)
+        query = query.order_by(a.c.created_at.desc()).limit(limit)
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).all()
+        if len(self._assessments) > ASSESSMENT_CACHE:
+            self._assessments.clear()
+        cache = self._assessments
+        return [
+            StoredSummary(
+                r.identifier,
+                r.patient_id,
+                cache.get(r.identifier) or cache.setdefault(r.identifier, json.loads(r.assessment)),
+                r.created_at,
+            )
+            for r in rows
+        ]
 
     def overlay(self, identifier: str, sop_uid: str, finding: str, method: str) -> bytes | None:
         """One overlay PNG, without loading the rest (the review page's image route)."""

@@ -48,6 +48,8 @@ from mmcds.service.hooks import imaging_orders as imaging_orders_of
 from mmcds.service.notify import router as notify_router
 from mmcds.service.outbox import OutboxWorker
 from mmcds.service.replay import replay_cache
+from mmcds.service.review import router as review_router
+from mmcds.service.review import with_review_links
 from mmcds.service.schema import (
     CardsResponse,
     Discovery,
@@ -138,6 +140,7 @@ def create_app(settings: Settings, pipeline: Pipeline | None = None) -> FastAPI:
     )
     app.include_router(router)
     app.include_router(feedback_router)
+    app.include_router(review_router)
     app.openapi = _openapi_with_bodies(app)  # type: ignore[method-assign]
     app.include_router(notify_router)  # FHIR Subscription rest-hook -> work queue
     return app
@@ -253,6 +256,7 @@ async def hook(
     alarms = await run_in_threadpool(service.alarms, result) if spec.hook == "order-sign" else []
     cards = hook_cards(spec, result, orders, alarms)
     if result.analysis_id is not None:  # feedback names only the card: remember its analysis
+        cards = with_review_links(request, cards, service_id, result.analysis_id)
         uuids = [u for card in cards for u in card_uuids(card)]
         await run_in_threadpool(
             feedback.link_cards, uuids, result.analysis_id, service_id=service_id
