@@ -20,7 +20,7 @@ PY=${PYTHON:-python3}
 .venv/bin/pip install -q --upgrade pip
 # The CPU build of torch first: an unpinned resolve would pull a multi-GB CUDA build.
 .venv/bin/pip install -q torch==2.13.0
-.venv/bin/pip install -q -e ".[dev]"
+.venv/bin/pip install -q -e ".[dev,ray]"
 
 # The FHIR sandbox's npm packages, exactly as locked.
 if [ ! -d deploy/sandbox/node_modules ] || [ deploy/sandbox/package-lock.json -nt deploy/sandbox/node_modules ]; then

@@ -61,9 +61,20 @@ def serve() -> None:
     import uvicorn
 
     from mmcds.service.api import create_app
+    from mmcds.service.logs import configure_logging
 
     s = get_settings()
-    uvicorn.run(create_app(s), host=s.host, port=s.port, log_level="info")
+    configure_logging(s.log_level, s.log_format)
+    # log_config=None: uvicorn's loggers go through the JSON handler above. On SIGTERM uvicorn
+    # stops accepting, lets in-flight hooks finish (up to the grace), then runs the shutdown
+    # that stops the outbox worker after its current round.
+    uvicorn.run(
+        create_app(s),
+        host=s.host,
+        port=s.port,
+        log_config=None,
+        timeout_graceful_shutdown=int(s.shutdown_grace_s),
+    )
 
 
 @app.command()

@@ -72,6 +72,20 @@ class Settings(BaseSettings):
     # Seconds between retries of undelivered write-backs (the backoff per report grows from 2 s).
     outbox_interval_s: float = 5.0
 
+    # Operations (README "Operating it"): JSON log lines by default; on SIGTERM the server
+    # stops accepting connections and waits up to shutdown_grace_s for in-flight hooks.
+    log_level: str = "INFO"
+    log_format: Literal["json", "text"] = "json"
+    shutdown_grace_s: float = 30.0
+
+    # Where the encoders and the fusion model run: in this process ("local"), or as Ray Serve
+    # deployments ("ray", mmcds.serving) on the cluster at ray_address (empty: start a local
+    # Ray instance and deploy them there). ray_gpus: GPUs per model replica (0 on CPU hosts).
+    model_backend: Literal["local", "ray"] = "local"
+    ray_address: str = ""
+    ray_max_replicas: int = 2
+    ray_gpus: float = 0.0
+
     # Input bounds: reject with a clear error beyond these.
     max_request_bytes: int = 1_000_000
     max_note_chars: int = 200_000

@@ -97,6 +97,10 @@ class AnalysisService:
                 self._pipeline = Pipeline.from_settings(self.settings)
             return self._pipeline
 
+    @property
+    def models_loaded(self) -> bool:
+        return self._pipeline is not None
+
     # --- the path ---------------------------------------------------------------------------
 
     def analyse(self, trigger: Trigger) -> AnalysisResult:

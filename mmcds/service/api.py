@@ -1,4 +1,4 @@
-"""The CDS Hooks service over HTTP (FastAPI): discovery, hook endpoints, model card, health.
+"""The CDS Hooks service over HTTP (FastAPI): discovery, hook endpoints, model card.
 
 This module only does HTTP: a hook call goes size check -> JWT verification -> request
 validation -> fhirServer allowlist, then hands a ``Trigger`` to the ``AnalysisService``, which
@@ -26,6 +26,8 @@ from mmcds.fusion.model import CARD_NAME, default_card
 from mmcds.fusion.pipeline import Pipeline
 from mmcds.service.analysis import AnalysisService, Trigger
 from mmcds.service.auth import AuthError, JwtVerifier
+from mmcds.service.health import install_operations, observe_assessment
+from mmcds.service.logs import request_id_var
 from mmcds.service.outbox import OutboxWorker
 from mmcds.settings import Settings
 
@@ -211,6 +213,7 @@ def create_app(settings: Settings, pipeline: Pipeline | None = None) -> FastAPI:
     app.state.verifier = JwtVerifier(settings.trusted_issuers)
     app.state.outbox = service.outbox
     app.include_router(router)
+    install_operations(app, services=SERVICES)  # /healthz, /readyz, /metrics, request ids
     return app
 
 
@@ -224,11 +227,6 @@ def discovery() -> Discovery:
             ServiceDescription.model_validate({"id": sid, **spec}) for sid, spec in SERVICES.items()
         ]
     )
-
-
-@router.get("/healthz")
-def health() -> dict[str, str]:
-    return {"status": "ok"}
 
 
 @router.get("/model-card", response_class=PlainTextResponse)
@@ -252,7 +250,7 @@ async def hook(
     service: AnalysisDep,
     verifier: VerifierDep,
 ) -> Any:
-    request_id = str(uuid.uuid4())
+    request_id = request_id_var.get() or str(uuid.uuid4())
     if service_id not in SERVICES:
         return _error(404, f"unknown CDS service {service_id!r}; see GET /cds-services")
     body = await _read_bounded(request, settings.max_request_bytes)
@@ -273,4 +271,6 @@ async def hook(
     result = await run_in_threadpool(
         service.analyse, _trigger(hook_request, fhir_server, request_id)
     )
+    if result.analysis is not None:
+        observe_assessment(result.analysis.assessment)
     return {"cards": result.cards}
