@@ -189,7 +189,9 @@ def test_readyz_loads_the_models_and_checks_the_fhir_server(
     key: ECKey, models: tuple[Path, Pipeline], fhir_url: str, dicomweb: Any, tmp_path: Path
 ) -> None:
     model_dir = models[0]  # the tiny checkpoints already built there: loading takes seconds
-    settings = _settings(key, "http://testserver", fhir_url, dicomweb, tmp_path, model_dir=model_dir)
+    settings = _settings(
+        key, "http://testserver", fhir_url, dicomweb, tmp_path, model_dir=model_dir
+    )
     with TestClient(create_app(settings)) as client:
         assert client.get("/healthz").json() == {"status": "ok"}
         first = client.get("/readyz")
@@ -207,10 +209,14 @@ def test_readyz_loads_the_models_and_checks_the_fhir_server(
         # Another part (the queue) makes readiness depend on it.
         add_readiness_check(client.app, "queue", lambda: "queue unreachable")  # type: ignore[arg-type]
         refused = client.get("/readyz")
-        assert refused.status_code == 503 and refused.json()["checks"]["queue"] == "queue unreachable"
+        assert (
+            refused.status_code == 503 and refused.json()["checks"]["queue"] == "queue unreachable"
+        )
 
     dead = f"http://127.0.0.1:{free_port()}/fhir/R4"
-    settings = _settings(key, "http://testserver", dead, dicomweb, tmp_path / "x", model_dir=model_dir)
+    settings = _settings(
+        key, "http://testserver", dead, dicomweb, tmp_path / "x", model_dir=model_dir
+    )
     (tmp_path / "x").mkdir()
     with TestClient(create_app(settings, models[1])) as client:
         down = client.get("/readyz")
@@ -241,7 +247,7 @@ def captured_logs() -> Iterator[io.StringIO]:
 
 def _phi(patient: dict[str, Any], fhir_url: str) -> list[str]:
     """Names, identifiers and note sentences of a patient, as the FHIR server holds them."""
-    values: list[str] = []
+    values: list[str] = [patient["id"]]  # the server's id is an identifier too
     for name in patient.get("name", []):
         values += [*name.get("given", []), name.get("family", "")]
     values += [i["value"] for i in patient.get("identifier", []) if i.get("value")]
@@ -280,9 +286,14 @@ def test_logs_are_json_with_request_ids_and_carry_no_phi_or_token(
         assert response.status_code == 200, response.text
         assert response.headers["x-request-id"] == request_id
         # A refused token is logged as refused, never as itself.
-        assert client.post(
-            f"/cds-services/{SERVICE}", json=_hook_body(fhir_url, patient["id"]), headers=headers
-        ).status_code == 401  # replayed jti
+        assert (
+            client.post(
+                f"/cds-services/{SERVICE}",
+                json=_hook_body(fhir_url, patient["id"]),
+                headers=headers,
+            ).status_code
+            == 401
+        )  # replayed jti
 
     lines = [json.loads(line) for line in captured_logs.getvalue().splitlines() if line]
     assert lines, "nothing was logged"
