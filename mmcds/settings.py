@@ -80,11 +80,14 @@ class Settings(BaseSettings):
 
     # Where the encoders and the fusion model run: in this process ("local"), or as Ray Serve
     # deployments ("ray", mmcds.serving) on the cluster at ray_address (empty: start a local
-    # Ray instance and deploy them there). ray_gpus: GPUs per model replica (0 on CPU hosts).
+    # Ray instance and deploy them there). Each deployment autoscales from 1 to
+    # ray_max_replicas replicas of ray_cpus CPUs and ray_gpus GPUs (empty: one GPU per model
+    # replica where the cluster has GPUs, none otherwise).
     model_backend: Literal["local", "ray"] = "local"
     ray_address: str = ""
     ray_max_replicas: int = 2
-    ray_gpus: float = 0.0
+    ray_cpus: float = 1.0
+    ray_gpus: float | None = None
 
     # Input bounds: reject with a clear error beyond these.
     max_request_bytes: int = 1_000_000

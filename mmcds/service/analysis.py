@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mmcds.errors import UpstreamUnavailable
-from mmcds.explain.stage import explain
 from mmcds.fhir.client import FhirClient, FhirError
 from mmcds.fhir.dicomweb import DicomWebClient
 from mmcds.fhir.gather import Limits, gather_patient
@@ -27,6 +26,7 @@ from mmcds.records import Analysis, Explanation, PatientRecord, content_hash
 from mmcds.service.analysis_store import AnalysisStore
 from mmcds.service.cards import analysis_card, delivery_note, unavailable_card
 from mmcds.service.outbox import Delivery, Outbox
+from mmcds.serving.backend import explain_analysis, load_pipeline
 from mmcds.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ class AnalysisService:
     def pipeline(self) -> Pipeline:
         with self._pipeline_lock:  # concurrent first calls must not load the models twice
             if self._pipeline is None:
-                self._pipeline = Pipeline.from_settings(self.settings)
+                self._pipeline = load_pipeline(self.settings)  # in-process or Ray Serve
             return self._pipeline
 
     @property
@@ -139,7 +139,7 @@ class AnalysisService:
             stored = self.analyses.get(analysis.identifier)
             if stored is not None:
                 return analysis, stored.explanation
-            explanation = explain(pipeline, analysis)
+            explanation = explain_analysis(pipeline, analysis)
             self.analyses.put(analysis, explanation)
             return analysis, explanation
 
