@@ -1,4 +1,5 @@
-"""The ``mmcds`` command line: load, serve, analyse, demo, synth, train, calibrate, evaluate."""
+"""The ``mmcds`` command line: load, serve, score, analyse, demo, synth, train, calibrate,
+evaluate."""
 
 from __future__ import annotations
 
@@ -75,6 +76,48 @@ def serve() -> None:
         log_config=None,
         timeout_graceful_shutdown=int(s.shutdown_grace_s),
     )
+
+
+@app.command()
+def score(
+    data: Annotated[Path, typer.Option(exists=True, file_okay=False, help="Cohort folder")],
+    out: Annotated[Path, typer.Option(help="JSON-lines file of scores (appended; resumable)")],
+    backend: Annotated[str, typer.Option(help="local, or ray (Ray Data + Ray Serve)")] = "local",
+    limit: Annotated[int | None, typer.Option(min=1, help="Only the first N patients")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="Ray Data workers")] = 2,
+    batch_size: Annotated[int, typer.Option(min=1, help="Patients per Ray Data batch")] = 4,
+) -> None:
+    """Score every patient of a cohort folder; a rerun skips patients already in OUT."""
+    from mmcds.training.score import score_cohort
+
+    if backend not in ("local", "ray"):
+        raise typer.BadParameter("backend must be 'local' or 'ray'")
+    s = get_settings()
+    summary = score_cohort(
+        data, out, s, backend="ray" if backend == "ray" else "local", limit=limit,
+        workers=workers, batch_size=batch_size,
+    )  # fmt: skip
+    typer.echo(
+        f"scored {summary.scored} patient(s) in {summary.seconds:.1f} s "
+        f"({summary.per_second:.2f}/s); {summary.already} already in {out}; {summary.total} total"
+    )
+
+
+@app.command("serve-models")
+def serve_models() -> None:
+    """Deploy the models as Ray Serve deployments on MMCDS_RAY_ADDRESS and keep them up."""
+    import contextlib
+    import signal
+    import threading
+
+    from mmcds.serving.remote import deploy
+
+    deploy(get_settings())
+    typer.echo("models deployed on Ray Serve (application mmcds-models); Ctrl-C to stop")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with contextlib.suppress(KeyboardInterrupt):
+        stop.wait()
 
 
 @app.command()

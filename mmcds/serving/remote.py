@@ -7,6 +7,7 @@ crosses the network.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -95,8 +96,15 @@ class RemotePipeline(Pipeline):
 
 def init_ray(settings: Settings, **kwargs: Any) -> None:
     """Join the cluster at ``ray_address``, or start a local Ray instance when it is empty."""
-    if not ray.is_initialized():
-        ray.init(address=settings.ray_address or None, log_to_driver=False, **kwargs)
+    if ray.is_initialized():
+        return
+    if not settings.ray_address:
+        # A local instance declares at least 8 logical CPUs: Ray's CPUs are scheduling tokens,
+        # and five deployments plus the cohort workers must fit on a 2-core machine too (the
+        # OS shares the real cores). A cluster declares its own resources.
+        kwargs.setdefault("num_cpus", max(8, os.cpu_count() or 1))
+        kwargs.setdefault("include_dashboard", False)
+    ray.init(address=settings.ray_address or None, log_to_driver=False, **kwargs)
 
 
 def deploy(settings: Settings) -> None:
