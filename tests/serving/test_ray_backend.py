@@ -21,6 +21,7 @@ from mmcds.service.api import create_app
 from mmcds.service.auth import sign_hook_jwt
 from mmcds.settings import Settings
 from mmcds.synth import generate_cohort
+from mmcds.training.score import score_cohort
 
 ray = pytest.importorskip("ray")  # the optional extra: mmcds[ray]
 from mmcds.serving.remote import RemotePipeline, deploy  # noqa: E402
@@ -141,3 +142,32 @@ def test_hook_through_ray_serve_equals_the_in_process_models(
         for fa, fb in zip(a.assessment.findings, b.assessment.findings, strict=True):
             assert (fa.finding, fa.status) == (fb.finding, fb.status)
             assert fa.probability == pytest.approx(fb.probability, abs=1e-5)
+
+
+def test_cohort_scored_with_ray_data_equals_local_scores(
+    ray_models: Settings, model_dir: Path, tmp_path: Path
+) -> None:
+    cohort = tmp_path / "cohort"
+    generate_cohort(cohort, patients=4, seed=37)
+    local = Settings(model_dir=model_dir, database_url=f"sqlite:///{tmp_path / 'l.db'}")
+    remote = ray_models.model_copy(
+        update={"database_url": f"sqlite:///{tmp_path / 'r.db'}", "model_backend": "ray"}
+    )
+    by_local = score_cohort(cohort, tmp_path / "local.jsonl", local, progress=False)
+    by_ray = score_cohort(
+        cohort, tmp_path / "ray.jsonl", remote, backend="ray", workers=2, batch_size=2,
+        progress=False,
+    )  # fmt: skip
+    assert by_local.scored == by_ray.scored == 4
+    rows = {}
+    for name in ("local", "ray"):
+        lines = (tmp_path / f"{name}.jsonl").read_text().splitlines()
+        rows[name] = {r["patient_key"]: r for r in map(json.loads, lines)}
+    assert rows["local"].keys() == rows["ray"].keys()
+    for key, a in rows["local"].items():
+        b = rows["ray"][key]
+        assert a["identifier"] == b["identifier"]
+        for finding, fa in a["findings"].items():
+            fb = b["findings"][finding]
+            assert (fa["status"], fa["level"]) == (fb["status"], fb["level"])
+            assert fa["probability"] == pytest.approx(fb["probability"], abs=1e-5)
