@@ -31,6 +31,9 @@ def load(
     folder: Annotated[Path, typer.Argument(exists=True, file_okay=False, help="Folder to load")],
     fhir_url: Annotated[str | None, typer.Option(help="FHIR base URL")] = None,
     dicomweb_url: Annotated[str | None, typer.Option(help="DICOMweb root of the PACS")] = None,
+    wait: Annotated[
+        float, typer.Option(min=0, help="Seconds to wait for both servers to answer first")
+    ] = 0,
 ) -> None:
     """Post FHIR transaction bundles and DICOM files from FOLDER to a FHIR server and a PACS."""
     from mmcds.fhir.client import FhirClient
@@ -41,6 +44,12 @@ def load(
     auth = (
         (s.dicomweb_user, s.dicomweb_password) if s.dicomweb_user and s.dicomweb_password else None
     )
+    if wait:  # e.g. the compose stack's loader, started beside servers that take a minute
+        _wait_for(
+            [f"{(fhir_url or s.fhir_base_url).rstrip('/')}/metadata",
+             f"{(dicomweb_url or s.dicomweb_url).rstrip('/')}/studies?limit=1"],
+            auth, wait,
+        )  # fmt: skip
     with (
         FhirClient(fhir_url or s.fhir_base_url, timeout=120) as fhir,
         DicomWebClient(dicomweb_url or s.dicomweb_url, auth=auth) as pacs,
@@ -54,6 +63,25 @@ def load(
         typer.echo(f"error: {error}", err=True)
     if result.errors:
         raise typer.Exit(1)
+
+
+def _wait_for(urls: list[str], auth: tuple[str, str] | None, seconds: float) -> None:
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + seconds
+    for url in urls:
+        while True:
+            try:
+                if httpx.get(url, auth=auth, timeout=5).status_code < 500:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                typer.echo(f"error: {url} did not answer within {seconds:.0f} s", err=True)
+                raise typer.Exit(1)
+            time.sleep(2)
 
 
 @app.command()
