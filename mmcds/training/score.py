@@ -113,9 +113,6 @@ def _ray_rows(
 ) -> Iterator[str]:
     import ray
 
-    from mmcds.serving.remote import connect
-
-    connect(settings)  # joins or starts Ray, deploys the models if they are not there yet
     dataset = ray.data.from_items([{"key": k} for k in keys]).map_batches(
         CohortScorer,
         fn_constructor_kwargs={"folder": str(folder), "pipeline": _remote_pipeline(settings)},
@@ -149,11 +146,17 @@ def score_cohort(
     done = finished(out)
     todo = [k for k in keys if k not in done]
     out.parent.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
+    # Set-up (loading models, joining Ray and deploying) is not part of the throughput.
     if backend == "ray":
+        from mmcds.serving.remote import connect
+
+        connect(settings)  # joins or starts Ray; deploys the models if they are not there yet
+        started = time.perf_counter()
         rows: Iterable[str] = _ray_rows(folder, todo, settings, workers, batch_size)
     else:
-        rows = _local_rows(folder, todo, pipeline or Pipeline.from_settings(settings))
+        local = pipeline or Pipeline.from_settings(settings)
+        started = time.perf_counter()
+        rows = _local_rows(folder, todo, local)
     scored = 0
     with (
         out.open("a", encoding="utf-8") as sink,
