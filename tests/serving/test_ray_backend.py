@@ -16,7 +16,7 @@ from mmcds.fhir.client import FhirClient
 from mmcds.fhir.dicomweb import DicomWebClient
 from mmcds.fhir.load import load_folder
 from mmcds.fusion.pipeline import Pipeline
-from mmcds.service.analysis import AnalysisService, Trigger
+from mmcds.service.analysis import AnalysisService
 from mmcds.service.api import create_app
 from mmcds.service.auth import sign_hook_jwt
 from mmcds.settings import Settings
@@ -126,22 +126,7 @@ def test_hook_through_ray_serve_equals_the_in_process_models(
         assert isinstance(service.pipeline, RemotePipeline)  # the hooks went through Ray
         assert client.get("/readyz").json()["checks"]["models"] == "ok"
 
-    assert remote_cards == local_cards
-    # The numbers behind the cards, not only their wording, agree.
-    in_process = AnalysisService(
-        local.model_copy(update={"database_url": f"sqlite:///{tmp_path / 'l2.db'}"})
-    )
-    through_ray = AnalysisService(
-        remote.model_copy(update={"database_url": f"sqlite:///{tmp_path / 'r2.db'}"})
-    )
-    for patient in patients:
-        a = in_process.analyse(Trigger(patient_id=patient, fhir_server=fhir_url)).analysis
-        b = through_ray.analyse(Trigger(patient_id=patient, fhir_server=fhir_url)).analysis
-        assert a is not None and b is not None
-        assert a.identifier == b.identifier
-        for fa, fb in zip(a.assessment.findings, b.assessment.findings, strict=True):
-            assert (fa.finding, fa.status) == (fb.finding, fb.status)
-            assert fa.probability == pytest.approx(fb.probability, abs=1e-5)
+    assert remote_cards == local_cards  # the probabilities: the cohort test below
 
 
 def test_cohort_scored_with_ray_data_equals_local_scores(
@@ -155,7 +140,7 @@ def test_cohort_scored_with_ray_data_equals_local_scores(
     )
     by_local = score_cohort(cohort, tmp_path / "local.jsonl", local, progress=False)
     by_ray = score_cohort(
-        cohort, tmp_path / "ray.jsonl", remote, backend="ray", workers=2, batch_size=2,
+        cohort, tmp_path / "ray.jsonl", remote, backend="ray", workers=1, batch_size=4,
         progress=False,
     )  # fmt: skip
     assert by_local.scored == by_ray.scored == 4
