@@ -30,26 +30,10 @@ log = logging.getLogger(__name__)
 APP = "mmcds-models"
 
 
-class RemoteImageEncoder(ImageEncoder):
-    """An image encoder deployment behind the ``ImageEncoder`` calls the pipeline makes."""
+class _Remote:
+    """A deployment behind the encoder calls the pipeline makes: only ``model_id``, ``dim`` and
+    the embedding calls are used, so there is no local model (no ``super().__init__``)."""
 
-    def __init__(self, handle: DeploymentHandle, info: dict[str, Any]) -> None:  # noqa: D107
-        # No super().__init__: there is no local model; only model_id, dim and embed are used.
-        self.handle = handle
-        self.model_id = str(info["model_id"])
-        self._dim = int(info["dim"])
-
-    @property
-    def dim(self) -> int:
-        return self._dim
-
-    def embed(self, pixels: Sequence[np.ndarray]) -> np.ndarray:
-        # One call per image: the deployment batches them with other callers' images.
-        calls = [self.handle.embed.remote(p) for p in pixels]
-        return np.stack([c.result() for c in calls]).astype(np.float32)
-
-
-class RemoteTextEncoder(TextEncoder):
     def __init__(self, handle: DeploymentHandle, info: dict[str, Any]) -> None:
         self.handle = handle
         self.model_id = str(info["model_id"])
@@ -59,14 +43,25 @@ class RemoteTextEncoder(TextEncoder):
     def dim(self) -> int:
         return self._dim
 
+    def _each(self, items: Sequence[Any]) -> np.ndarray:
+        # One call per input: the deployment batches them with other callers' inputs.
+        calls = [self.handle.embed.remote(item) for item in items]
+        if not calls:
+            return np.zeros((0, self._dim), np.float32)
+        return np.stack([c.result() for c in calls]).astype(np.float32)
+
+
+class RemoteImageEncoder(_Remote, ImageEncoder):
+    def embed(self, pixels: Sequence[np.ndarray]) -> np.ndarray:
+        return self._each(pixels)
+
+
+class RemoteTextEncoder(_Remote, TextEncoder):
     def chunks(self, notes: Sequence[Note]) -> list[Chunk]:
         return list(self.handle.chunks.remote(list(notes)).result())
 
     def embed_chunks(self, chunks: Sequence[Chunk], batch_size: int = 16) -> np.ndarray:
-        calls = [self.handle.embed.remote(c) for c in chunks]
-        if not calls:
-            return np.zeros((0, self._dim), np.float32)
-        return np.stack([c.result() for c in calls]).astype(np.float32)
+        return self._each(chunks)
 
 
 class RemotePipeline(Pipeline):

@@ -118,13 +118,9 @@ def _value(samples: dict[Any, float], name: str, **labels: str) -> float:
 
 
 def test_metrics_move_with_hooks(
-    key: ECKey,
-    models: tuple[Path, Pipeline],
-    loaded: list[dict[str, Any]],
-    fhir_url: str,
-    dicomweb: Any,
-    tmp_path: Path,
-) -> None:
+    key: ECKey, models: tuple[Path, Pipeline], loaded: list[dict[str, Any]], fhir_url: str,
+    dicomweb: Any, tmp_path: Path,
+) -> None:  # fmt: skip
     base = "http://testserver"
     settings = _settings(key, base, fhir_url, dicomweb, tmp_path)
     patient = loaded[0]["id"]
@@ -310,13 +306,9 @@ def test_logs_are_json_with_request_ids_and_carry_no_phi_or_token(
 
 
 def test_shutdown_lets_an_in_flight_hook_finish(
-    key: ECKey,
-    models: tuple[Path, Pipeline],
-    loaded: list[dict[str, Any]],
-    fhir_url: str,
-    dicomweb: Any,
-    tmp_path: Path,
-) -> None:
+    key: ECKey, models: tuple[Path, Pipeline], loaded: list[dict[str, Any]], fhir_url: str,
+    dicomweb: Any, tmp_path: Path,
+) -> None:  # fmt: skip
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     settings = _settings(key, base, fhir_url, dicomweb, tmp_path)
