@@ -35,7 +35,13 @@ _SECRETS = (
 # Loggers of libraries that print full request URLs (and so patient ids) at INFO.
 QUIET_LOGGERS = ("httpx", "httpcore", "urllib3")
 # The standard LogRecord attributes; anything else on a record came from ``extra=``.
-_STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+# (uvicorn adds `color_message`, the same text with terminal colours.)
+_STANDARD = set(vars(logging.makeLogRecord({}))) | {
+    "message",
+    "asctime",
+    "taskName",
+    "color_message",
+}
 
 
 def new_request_id(offered: str | None = None) -> str:
