@@ -26,7 +26,7 @@ from mmcds.records import Analysis, Explanation, PatientRecord, content_hash
 from mmcds.service.analysis_store import AnalysisStore
 from mmcds.service.cards import analysis_card, delivery_note, unavailable_card
 from mmcds.service.outbox import Delivery, Outbox
-from mmcds.serving.backend import explain_analysis, load_pipeline
+from mmcds.serving.backend import explain_analysis, is_remote, load_pipeline
 from mmcds.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -133,8 +133,11 @@ class AnalysisService:
 
     def assess(self, record: PatientRecord) -> tuple[Analysis, Explanation]:
         """Encode + fuse, and the explanation (computed once per analysis, then read back)."""
-        with self._model_lock:
-            pipeline = self.pipeline
+        pipeline = self.pipeline
+        # Models served elsewhere batch concurrent calls (Ray Serve): only in-process models
+        # need one analysis at a time.
+        lock = contextlib.nullcontext() if is_remote(pipeline) else self._model_lock
+        with lock:
             analysis = pipeline.analyse(record)
             stored = self.analyses.get(analysis.identifier)
             if stored is not None:

@@ -24,7 +24,7 @@ from mmcds.settings import Settings
 class ExplainsRemotely(Protocol):
     """A pipeline whose models live elsewhere explains there too (saliency needs them)."""
 
-    def explain(self, analysis: Analysis) -> Explanation: ...
+    def explain_remotely(self, analysis: Analysis) -> Explanation: ...
 
 
 def load_pipeline(settings: Settings) -> Pipeline:
@@ -36,8 +36,13 @@ def load_pipeline(settings: Settings) -> Pipeline:
     return Pipeline.from_settings(settings)
 
 
+def is_remote(pipeline: Pipeline) -> bool:
+    """Whether the pipeline's models run elsewhere (and explain there)."""
+    return isinstance(pipeline, ExplainsRemotely)
+
+
 def explain_analysis(pipeline: Pipeline, analysis: Analysis) -> Explanation:
     """Explain where the models are: in the explainer deployment for a remote pipeline."""
-    if isinstance(pipeline, ExplainsRemotely):
-        return pipeline.explain(analysis)
+    if isinstance(pipeline, ExplainsRemotely):  # is_remote, narrowed for the type checker
+        return pipeline.explain_remotely(analysis)
     return explain(pipeline, analysis)

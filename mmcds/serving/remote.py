@@ -84,7 +84,7 @@ class RemotePipeline(Pipeline):
         result: Assessment = self._fusion_handle.assess.remote((encodings, site, record)).result()
         return result
 
-    def explain(self, analysis: Analysis) -> Explanation:
+    def explain_remotely(self, analysis: Analysis) -> Explanation:
         result: Explanation = self._explainer.explain.remote(analysis).result()
         return result
 
