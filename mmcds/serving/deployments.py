@@ -61,7 +61,10 @@ class TextEmbedder:
     def describe(self) -> dict[str, Any]:
         return {"model_id": self.encoder.model_id, "dim": self.encoder.dim}
 
-    def chunks(self, notes: list[Note]) -> list[Chunk]:
+    async def chunks(self, notes: list[Note]) -> list[Chunk]:
+        # async: on the replica's event loop, like the batched embed, never beside it. A sync
+        # method would run in a thread while embed runs, and a fast tokenizer is not
+        # thread-safe (padding set by one call is lost to the other: seen in a cohort run).
         return self.encoder.chunks(notes)
 
     @serve.batch(max_batch_size=MAX_BATCH, batch_wait_timeout_s=BATCH_WAIT_S)
@@ -117,7 +120,8 @@ class Explainer:
         torch.set_num_threads(settings.torch_threads)
         self.pipeline = Pipeline.from_settings(settings)
 
-    def explain(self, analysis: Analysis) -> Explanation:
+    async def explain(self, analysis: Analysis) -> Explanation:
+        # One explanation at a time per replica (the same models, hooks and gradients).
         return explain(self.pipeline, analysis)
 
 
