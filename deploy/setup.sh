@@ -25,9 +25,8 @@ command -v node >/dev/null 2>&1 || { echo "Node.js 20 is required for the FHIR s
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/pip install -q --upgrade pip
-# The CPU build of torch first: an unpinned resolve would pull a multi-GB CUDA build.
-.venv/bin/pip install -q torch==2.13.0
-.venv/bin/pip install -q -e ".[dev]"
+bash deploy/install-torch.sh .venv/bin/python
+.venv/bin/pip install -q -e ".[dev,ray]"
 
 # The FHIR sandbox's npm packages, exactly as locked.
 if [ ! -d deploy/sandbox/node_modules ] || [ deploy/sandbox/package-lock.json -nt deploy/sandbox/node_modules ]; then

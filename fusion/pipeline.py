@@ -52,19 +52,7 @@ class Pipeline:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Pipeline:
-        model_dir = Path(settings.model_dir)
-        # A trained model folder carries its own fine-tuned image encoders (cnn/, vit/).
-        trained = Path(settings.fusion_model) if settings.fusion_model else None
-        cnn_path = settings.cnn_model or (
-            str(trained / "cnn")
-            if trained and (trained / "cnn" / "config.json").is_file()
-            else str(_ensure(model_dir / "tiny-cnn", build_tiny_cnn))
-        )
-        vit_path = settings.vit_model or (
-            str(trained / "vit")
-            if trained and (trained / "vit" / "config.json").is_file()
-            else str(_ensure(model_dir / "tiny-vit", build_tiny_vit))
-        )
+        cnn_path, vit_path = image_model_paths(settings)
         # "auto" is resolved per encoder: one may have an int8 graph and the other not
         cnn = ImageEncoder.from_pretrained(cnn_path, backend=settings.image_backend)
         vit = ImageEncoder.from_pretrained(vit_path, backend=settings.image_backend)
@@ -161,6 +149,24 @@ class Pipeline:
         encodings = self.encode(record)
         site = next((img.site for img in record.images if img.site), None)
         return Analysis(record, encodings, self.fuse(encodings, site, record))
+
+
+def image_model_paths(settings: Settings) -> tuple[str, str]:
+    """The CNN's and the ViT's checkpoints: set explicitly, else the trained model folder's own
+    fine-tuned encoders (cnn/, vit/), else tiny local models built once under model_dir."""
+    model_dir = Path(settings.model_dir)
+    trained = Path(settings.fusion_model) if settings.fusion_model else None
+    cnn_path = settings.cnn_model or (
+        str(trained / "cnn")
+        if trained and (trained / "cnn" / "config.json").is_file()
+        else str(_ensure(model_dir / "tiny-cnn", build_tiny_cnn))
+    )
+    vit_path = settings.vit_model or (
+        str(trained / "vit")
+        if trained and (trained / "vit" / "config.json").is_file()
+        else str(_ensure(model_dir / "tiny-vit", build_tiny_vit))
+    )
+    return cnn_path, vit_path
 
 
 def _ensure(path: Path, build: Callable[[Path], Path]) -> Path:

@@ -1,4 +1,5 @@
-"""The ``mmcds`` command line: load, serve, analyse, demo, synth, train, calibrate, evaluate."""
+"""The ``mmcds`` command line: load, serve, score, analyse, demo, synth, train, calibrate,
+evaluate."""
 
 from __future__ import annotations
 
@@ -30,6 +31,9 @@ def load(
     folder: Annotated[Path, typer.Argument(exists=True, file_okay=False, help="Folder to load")],
     fhir_url: Annotated[str | None, typer.Option(help="FHIR base URL")] = None,
     dicomweb_url: Annotated[str | None, typer.Option(help="DICOMweb root of the PACS")] = None,
+    wait: Annotated[
+        float, typer.Option(min=0, help="Seconds to wait for both servers to answer first")
+    ] = 0,
 ) -> None:
     """Post FHIR transaction bundles and DICOM files from FOLDER to a FHIR server and a PACS."""
     from mmcds.fhir.client import FhirClient
@@ -40,6 +44,12 @@ def load(
     auth = (
         (s.dicomweb_user, s.dicomweb_password) if s.dicomweb_user and s.dicomweb_password else None
     )
+    if wait:  # e.g. the compose stack's loader, started beside servers that take a minute
+        _wait_for(
+            [f"{(fhir_url or s.fhir_base_url).rstrip('/')}/metadata",
+             f"{(dicomweb_url or s.dicomweb_url).rstrip('/')}/studies?limit=1"],
+            auth, wait,
+        )  # fmt: skip
     with (
         FhirClient(fhir_url or s.fhir_base_url, timeout=120) as fhir,
         DicomWebClient(dicomweb_url or s.dicomweb_url, auth=auth) as pacs,
@@ -55,13 +65,23 @@ def load(
         raise typer.Exit(1)
 
 
-@app.command("hash-password")
-def hash_password_command() -> None:
-    """A password hash for MMCDS_CLINICIANS (the worklist's login); the password is prompted."""
-    from mmcds.service.review.tokens import hash_password
+def _wait_for(urls: list[str], auth: tuple[str, str] | None, seconds: float) -> None:
+    import time
 
-    password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
-    typer.echo(hash_password(password))
+    import httpx
+
+    deadline = time.monotonic() + seconds
+    for url in urls:
+        while True:
+            try:
+                if httpx.get(url, auth=auth, timeout=5).status_code < 500:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                typer.echo(f"error: {url} did not answer within {seconds:.0f} s", err=True)
+                raise typer.Exit(1)
+            time.sleep(2)
 
 
 @app.command()
@@ -73,6 +93,8 @@ def serve(
     """Run the CDS Hooks service (settings from MMCDS_* variables; see README)."""
     import uvicorn
 
+    from mmcds.service.logs import configure_logging
+
     s = get_settings()
     if workers > 1 and s.replay_cache == "memory":
         raise typer.BadParameter(
@@ -80,14 +102,19 @@ def serve(
             "MMCDS_REPLAY_CACHE=database (the default) or redis",
             param_hint="--workers",
         )
-    # An import string + factory: each worker process builds its own app from the settings.
+    configure_logging(s.log_level, s.log_format)
+    # An import string + factory: each worker process builds its own app from the settings
+    # (and configures its JSON logging there). log_config=None: uvicorn's loggers go through
+    # the JSON handler. On SIGTERM uvicorn stops accepting, lets in-flight hooks finish (up to
+    # the grace), then runs the shutdown that stops the outbox worker after its current round.
     uvicorn.run(
         "mmcds.service.api:app_from_settings",
         factory=True,
         host=s.host,
         port=s.port,
         workers=workers,
-        log_level="info",
+        log_config=None,
+        timeout_graceful_shutdown=int(s.shutdown_grace_s),
     )
 
 
@@ -130,6 +157,47 @@ def feedback(
         )
     if not items and not as_json:
         typer.echo("no feedback recorded", err=True)
+
+
+def score(
+    data: Annotated[Path, typer.Option(exists=True, file_okay=False, help="Cohort folder")],
+    out: Annotated[Path, typer.Option(help="JSON-lines file of scores (appended; resumable)")],
+    backend: Annotated[str, typer.Option(help="local, or ray (Ray Data + Ray Serve)")] = "local",
+    limit: Annotated[int | None, typer.Option(min=1, help="Only the first N patients")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="Ray Data workers")] = 2,
+    batch_size: Annotated[int, typer.Option(min=1, help="Patients per Ray Data batch")] = 4,
+) -> None:
+    """Score every patient of a cohort folder; a rerun skips patients already in OUT."""
+    from mmcds.training.score import score_cohort
+
+    if backend not in ("local", "ray"):
+        raise typer.BadParameter("backend must be 'local' or 'ray'")
+    s = get_settings()
+    summary = score_cohort(
+        data, out, s, backend="ray" if backend == "ray" else "local", limit=limit,
+        workers=workers, batch_size=batch_size,
+    )  # fmt: skip
+    typer.echo(
+        f"scored {summary.scored} patient(s) in {summary.seconds:.1f} s "
+        f"({summary.per_second:.2f}/s); {summary.already} already in {out}; {summary.total} total"
+    )
+
+
+@app.command("serve-models")
+def serve_models() -> None:
+    """Deploy the models as Ray Serve deployments on MMCDS_RAY_ADDRESS and keep them up."""
+    import contextlib
+    import signal
+    import threading
+
+    from mmcds.serving.remote import deploy
+
+    deploy(get_settings())
+    typer.echo("models deployed on Ray Serve (application mmcds-models); Ctrl-C to stop")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with contextlib.suppress(KeyboardInterrupt):
+        stop.wait()
 
 
 @app.command()

@@ -132,6 +132,23 @@ class Settings(BaseSettings):
     # Stored answers kept in each service process's memory (checked for currency on every hook).
     answer_cache_size: int = 10_000
 
+    # Operations (README "Operating it"): JSON log lines by default; on SIGTERM the server
+    # stops accepting connections and waits up to shutdown_grace_s for in-flight hooks.
+    log_level: str = "INFO"
+    log_format: Literal["json", "text"] = "json"
+    shutdown_grace_s: float = 30.0
+
+    # Where the encoders and the fusion model run: in this process ("local"), or as Ray Serve
+    # deployments ("ray", mmcds.serving) on the cluster at ray_address (empty: start a local
+    # Ray instance and deploy them there). Each deployment autoscales from 1 to
+    # ray_max_replicas replicas of ray_cpus CPUs and ray_gpus GPUs (empty: one GPU per model
+    # replica where the cluster has GPUs, none otherwise).
+    model_backend: Literal["local", "ray"] = "local"
+    ray_address: str = ""
+    ray_max_replicas: int = 2
+    ray_cpus: float = 1.0
+    ray_gpus: float | None = None
+
     # Input bounds: reject with a clear error beyond these.
     max_request_bytes: int = 1_000_000
     max_note_chars: int = 200_000

@@ -37,6 +37,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 
 from mmcds.db import DatabaseError, create_tables, make_engine
+from mmcds.metrics import observe_cache
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +124,7 @@ class EmbeddingCache:
                             bad.append(key)
         if bad:  # a miss recomputes and re-puts it; left in place, DO NOTHING would keep it bad
             self._delete(bad)
+        observe_cache(hits=len(found), misses=len(dict.fromkeys(keys)) - len(found))
         return found
 
     def __contains__(self, key: tuple[str, str]) -> bool:

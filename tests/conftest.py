@@ -59,15 +59,24 @@ def dicomweb(orthanc: OrthancPacs) -> OrthancPacs:
 
 
 @pytest.fixture(scope="session")
-def postgres_url() -> str:
-    """SQLAlchemy URL of the local PostgreSQL test database (CI always has it)."""
+def postgres_url() -> Iterator[str]:
+    """SQLAlchemy URL of the local PostgreSQL test database; where none answers at
+    127.0.0.1:5432, a throw-away server started with Debian's initdb/pg_ctl."""
     import psycopg
+
+    from mmcds.dev.postgres import ThrowawayPostgres
 
     try:
         psycopg.connect(POSTGRES_URL.replace("+psycopg", ""), connect_timeout=3).close()
-    except psycopg.OperationalError as err:
-        _unavailable(f"PostgreSQL not reachable at {POSTGRES_URL}: {err}".strip())
-    return POSTGRES_URL
+    except psycopg.OperationalError:
+        try:
+            server = ThrowawayPostgres().start()
+        except ServerUnavailable as err:
+            _unavailable(f"PostgreSQL not reachable at {POSTGRES_URL} and {err}")
+        with server:
+            yield server.url
+        return
+    yield POSTGRES_URL
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,6 @@ from typing import Any
 import httpx
 
 from mmcds.errors import ConfigurationError, UpstreamUnavailable
-from mmcds.explain.stage import explain
 from mmcds.fhir.bundle_limits import BundleLimits, BundleTooLarge
 from mmcds.fhir.client import FhirClient, FhirError
 from mmcds.fhir.dicomweb import DicomWebClient
@@ -50,6 +49,7 @@ from mmcds.service.fast_path import (
 )
 from mmcds.service.outbox import Delivery, Outbox
 from mmcds.service.queue import WorkQueue, queue_conninfo
+from mmcds.serving.backend import explain_analysis, is_remote, load_pipeline
 from mmcds.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -153,8 +153,12 @@ class AnalysisService:
     def pipeline(self) -> Pipeline:
         with self._pipeline_lock:  # concurrent first calls must not load the models twice
             if self._pipeline is None:
-                self._pipeline = Pipeline.from_settings(self.settings)
+                self._pipeline = load_pipeline(self.settings)  # in-process or Ray Serve
             return self._pipeline
+
+    @property
+    def models_loaded(self) -> bool:
+        return self._pipeline is not None
 
     # --- the path ---------------------------------------------------------------------------
 
@@ -196,13 +200,16 @@ class AnalysisService:
 
     def assess(self, record: PatientRecord) -> tuple[Analysis, Explanation]:
         """Encode + fuse, and the explanation (computed once per analysis, then read back)."""
-        with self._model_lock:
-            pipeline = self.pipeline
+        pipeline = self.pipeline
+        # Models served elsewhere batch concurrent calls (Ray Serve): only in-process models
+        # need one analysis at a time.
+        lock = contextlib.nullcontext() if is_remote(pipeline) else self._model_lock
+        with lock:
             analysis = pipeline.analyse(record)
             stored = self.analyses.get(analysis.identifier)
             if stored is not None:
                 return analysis, stored.explanation
-            explanation = explain(pipeline, analysis)
+            explanation = explain_analysis(pipeline, analysis)
             self.analyses.put(analysis, explanation)
             return analysis, explanation
 

@@ -43,8 +43,10 @@ from mmcds.service.cards import card_uuids, order_card, reason_suggestions, with
 from mmcds.service.conformance import problems_cards_response
 from mmcds.service.feedback import FeedbackStore
 from mmcds.service.feedback_api import router as feedback_router
+from mmcds.service.health import install_operations, observe_assessment
 from mmcds.service.hooks import SERVICES, ContextRejected, HookService, check_context
 from mmcds.service.hooks import imaging_orders as imaging_orders_of
+from mmcds.service.logs import request_id_var
 from mmcds.service.notify import router as notify_router
 from mmcds.service.outbox import OutboxWorker
 from mmcds.service.replay import replay_cache
@@ -143,6 +145,7 @@ def create_app(settings: Settings, pipeline: Pipeline | None = None) -> FastAPI:
     app.include_router(review_router)
     app.openapi = _openapi_with_bodies(app)  # type: ignore[method-assign]
     app.include_router(notify_router)  # FHIR Subscription rest-hook -> work queue
+    install_operations(app, services=SERVICES)  # /healthz, /readyz, /metrics, request ids
     return app
 
 
@@ -187,11 +190,6 @@ def discovery() -> Discovery:
     return Discovery(services=[s.describe() for s in SERVICES.values()])
 
 
-@router.get("/healthz")
-def health() -> dict[str, str]:
-    return {"status": "ok"}
-
-
 @router.get("/model-card", response_class=PlainTextResponse)
 def model_card(settings: SettingsDep, service: AnalysisDep) -> str:
     card = Path(settings.fusion_model) / CARD_NAME if settings.fusion_model else None
@@ -221,7 +219,7 @@ async def hook(
     verifier: VerifierDep,
     feedback: FeedbackDep,
 ) -> Any:
-    request_id = str(uuid.uuid4())
+    request_id = request_id_var.get() or str(uuid.uuid4())
     spec = SERVICES.get(service_id)
     if spec is None:
         return error(404, f"unknown CDS service {service_id!r}; see GET /cds-services")
@@ -253,6 +251,8 @@ async def hook(
             f"fhirServer: {result.unavailable}",
         )
         return JSONResponse(outcome, status_code=412)
+    if result.analysis is not None:  # computed now (inline); workers count their own
+        observe_assessment(result.analysis.assessment)
     alarms = await run_in_threadpool(service.alarms, result) if spec.hook == "order-sign" else []
     cards = hook_cards(spec, result, orders, alarms)
     if result.analysis_id is not None:  # feedback names only the card: remember its analysis
