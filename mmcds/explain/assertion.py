@@ -202,10 +202,10 @@ def _nlp() -> tuple[Language, PhraseMatcher, PhraseMatcher]:
         )
     concepts = PhraseMatcher(nlp.vocab, attr="LOWER")
     for finding, words in FINDING_TERMS.items():
-        concepts.add(finding, list(nlp.tokenizer.pipe(words)))
+        concepts.add(finding, [nlp.make_doc(w) for w in words])
     triggers = PhraseMatcher(nlp.vocab, attr="LOWER")
     phrases = {p for _, terms in _STATUSES for key in terms for p in terms[key]}
-    triggers.add("trigger", list(nlp.tokenizer.pipe(sorted(phrases))))
+    triggers.add("trigger", [nlp.make_doc(p) for p in sorted(phrases)])
     return nlp, concepts, triggers
 
 
