@@ -16,7 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class FhirAuthorization(BaseModel):
-    access_token: str = Field(min_length=1)
+    # Sent as an HTTP header to the FHIR server: printable ASCII only (RFC 6750 b64token),
+    # so a hostile token cannot break the request (found by the schemathesis run).
+    access_token: str = Field(min_length=1, max_length=16_384, pattern=r"^[\x21-\x7e]+$")
     token_type: Literal["Bearer", "bearer"] = "Bearer"
     expires_in: int | None = None
     scope: str | None = None
@@ -29,7 +31,7 @@ class HookContext(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    patientId: str = Field(min_length=1, max_length=64)
+    patientId: str = Field(pattern=r"^[A-Za-z0-9\-\.]{1,64}$", description="a FHIR id")
     userId: str | None = None
     encounterId: str | None = None
 
