@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from mmcds.explain.summary import LIMITS, MODALITY_WORDS, UNTRAINED, card_words
-from mmcds.findings import BY_NAME
+from mmcds.findings import UnknownFinding, display
 from mmcds.fusion.validation import NEVER
 from mmcds.records import EvidenceSpan, FindingScore, LabContribution
 from mmcds.service.analysis_store import StoredAnalysis
@@ -24,6 +24,14 @@ STATUS_WORDS = {
     "insufficient_inputs": "insufficient inputs",
     "abstained": "abstained",
 }
+
+
+def label(name: str) -> str:
+    """A finding's display text; a name no catalogue knows (an old analysis) shows as is."""
+    try:
+        return display(name)
+    except UnknownFinding:
+        return name
 
 
 def percent(p: float | None) -> str:
@@ -71,7 +79,7 @@ def findings_view(assessment: dict[str, Any]) -> list[dict[str, Any]]:
         out.append(
             {
                 "name": f.finding,
-                "display": BY_NAME[f.finding].display if f.finding in BY_NAME else f.finding,
+                "display": label(f.finding),
                 "probability": percent(f.probability),
                 "level": str(f.level) if trained else "info",
                 "assessed": f.assessed,
@@ -182,7 +190,7 @@ def labs_view(
             if c.ref_low is not None and c.ref_high is not None
             else ""
         )
-        display = BY_NAME[c.finding].display if c.finding in BY_NAME else c.finding
+        shown = label(c.finding)
         out.setdefault(c.finding, []).append(
             {
                 "lab": c.lab,
@@ -197,7 +205,7 @@ def labs_view(
                     points, c.ref_low, c.ref_high, f"{c.lab} over the window, {len(points)} values"
                 ),
                 "n": len(points),
-                "finding_display": display,
+                "finding_display": shown,
             }
         )
     return out
@@ -211,7 +219,7 @@ def validation_view(subsets: dict[str, Any], subset: str) -> list[dict[str, Any]
         ci = v.get("auroc_ci")
         rows.append(
             {
-                "display": BY_NAME[name].display if name in BY_NAME else name,
+                "display": label(name),
                 "n": v.get("n"),
                 "positives": v.get("positives"),
                 "auroc": f"{v['auroc']:.3f}" if v.get("auroc") is not None else "–",
@@ -255,7 +263,7 @@ def images_view(stored: StoredAnalysis, inputs: Inputs) -> list[dict[str, Any]]:
         layers = [
             {
                 "finding": s.finding,
-                "display": BY_NAME[s.finding].display if s.finding in BY_NAME else s.finding,
+                "display": label(s.finding),
                 "method": s.method,
                 "method_words": "CNN Grad-CAM" if s.method.endswith("cnn") else "ViT rollout",
                 "boxes": [
@@ -284,14 +292,14 @@ def images_view(stored: StoredAnalysis, inputs: Inputs) -> list[dict[str, Any]]:
 def modalities_view(stored: StoredAnalysis) -> list[dict[str, Any]]:
     out = []
     for m in stored.explanation.modalities:
-        display = BY_NAME[m.finding].display if m.finding in BY_NAME else m.finding
-        label = f"Weight of each input for {display}, in percentage points of probability"
+        name = label(m.finding)
+        caption = f"Weight of each input for {name}, in percentage points of probability"
         out.append(
             {
-                "display": display,
+                "display": name,
                 "base": percent(m.base),
                 "full": percent(m.full),
-                "chart": contribution_bars(m.values, label),
+                "chart": contribution_bars(m.values, caption),
             }
         )
     return out

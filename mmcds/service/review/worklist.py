@@ -19,10 +19,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from mmcds.findings import BY_NAME
+from mmcds.findings import load_catalogue
 from mmcds.service.analysis_store import StoredSummary
 from mmcds.service.review.tokens import TokenRefused, check_password
-from mmcds.service.review.view import LEVEL_ORDER, age_words, percent, scores
+from mmcds.service.review.view import LEVEL_ORDER, age_words, label, percent, scores
 from mmcds.service.review.web import analyses_of, form, page, settings_of, tokens_of
 
 router = APIRouter(include_in_schema=False)
@@ -110,14 +110,10 @@ def _row(s: StoredSummary, finding: str | None) -> dict[str, Any]:
         "patient_id": s.patient_id,
         "level": level,
         "probability": top.probability if top else -1.0,
-        "top": BY_NAME[top.finding].display if top else "",
+        "top": label(top.finding) if top else "",
         "top_probability": percent(top.probability) if top else "",
-        "others": ", ".join(
-            f"{BY_NAME[f.finding].display} {percent(f.probability)}" for f in assessed[1:3]
-        ),
-        "held": [
-            f"{BY_NAME[f.finding].display}: {f.reason or f.status}" for f in found if not f.assessed
-        ],
+        "others": ", ".join(f"{label(f.finding)} {percent(f.probability)}" for f in assessed[1:3]),
+        "held": [f"{label(f.finding)}: {f.reason or f.status}" for f in found if not f.assessed],
         "sites": ", ".join(s.assessment.get("sites") or []),
         "subset": s.assessment.get("subset", ""),
         "trained": trained,
@@ -176,7 +172,7 @@ def worklist(
     summaries = analyses_of(request).recent(limit=MAX_ROWS)
     ranked, apart = worklist_rows(
         summaries,
-        finding=finding if finding in BY_NAME else None,
+        finding=finding if finding in load_catalogue() else None,
         site=site or None,
         level=level if level in LEVELS else None,
         max_age_h=float(age) if age in AGES else None,
@@ -189,7 +185,7 @@ def worklist(
         "user": user,
         "ranked": ranked,
         "apart": apart,
-        "findings": [(f.name, f.display) for f in BY_NAME.values()],
+        "findings": [(f.name, f.display) for f in load_catalogue().values()],
         "sites": sites,
         "levels": LEVELS,
         "ages": AGES,
