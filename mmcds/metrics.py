@@ -63,7 +63,7 @@ OUTBOX_STATES = ("pending", "delivered", "rejected", "dead")
 
 
 class _StateCounts(Collector):
-    """``mmcds_outbox_reports{state}``: read from the outbox table at scrape time, so the figure
+    """``mmcds_outbox_reports_by_state{state}``: read from the outbox table at scrape time, so the figure
     is the durable truth across restarts and workers, not what this process happened to see."""
 
     def __init__(self) -> None:
@@ -71,7 +71,7 @@ class _StateCounts(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         family = GaugeMetricFamily(
-            "mmcds_outbox_reports",
+            "mmcds_outbox_reports_by_state",
             "Report bundles in the write-back outbox, by state.",
             labels=["state"],
         )
@@ -86,7 +86,7 @@ REGISTRY.register(OUTBOX_REPORTS)
 
 
 def set_outbox_source(source: Callable[[], dict[str, int]] | None) -> None:
-    """Where ``mmcds_outbox_reports`` reads its counts (the running app's outbox)."""
+    """Where ``mmcds_outbox_reports_by_state`` reads its counts (the running app's outbox)."""
     OUTBOX_REPORTS.source = source
 
 

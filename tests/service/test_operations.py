@@ -176,9 +176,9 @@ def test_metrics_move_with_hooks(
         assert moved(outcomes, before, after, finding=finding, outcome="warning") == 0
         assert moved(outcomes, before, after, finding=finding, outcome="critical") == 0
     # The same analysis twice is one report in the outbox, delivered.
-    assert _value(after, "mmcds_outbox_reports", state="delivered") == 1
-    assert _value(after, "mmcds_outbox_reports", state="pending") == 0
-    assert ("mmcds_outbox_reports", (("state", "rejected"),)) in after
+    assert _value(after, "mmcds_outbox_reports_by_state", state="delivered") == 1
+    assert _value(after, "mmcds_outbox_reports_by_state", state="pending") == 0
+    assert ("mmcds_outbox_reports_by_state", (("state", "rejected"),)) in after
 
 
 def test_readyz_loads_the_models_and_checks_the_fhir_server(
