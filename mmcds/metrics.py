@@ -63,8 +63,9 @@ OUTBOX_STATES = ("pending", "delivered", "rejected", "dead")
 
 
 class _StateCounts(Collector):
-    """``mmcds_outbox_reports_by_state{state}``: read from the outbox table at scrape time, so the figure
-    is the durable truth across restarts and workers, not what this process happened to see."""
+    """``mmcds_outbox_reports_by_state{state}``: read from the outbox table at scrape time, so
+    the figure is the durable truth across restarts and workers, not what this process
+    happened to see."""
 
     def __init__(self) -> None:
         self.source: Callable[[], dict[str, int]] | None = None
