@@ -26,7 +26,7 @@ from mmcds.dev.servers import free_port
 from mmcds.fhir.client import FhirClient
 from mmcds.fhir.dicomweb import DicomWebClient
 from mmcds.fhir.load import load_folder
-from mmcds.findings import FINDING_NAMES
+from mmcds.findings import SYNTH_FINDINGS
 from mmcds.fusion.pipeline import Pipeline
 from mmcds.service.api import create_app
 from mmcds.service.auth import sign_hook_jwt
@@ -166,7 +166,7 @@ def test_metrics_move_with_hooks(
     assert moved(lookups, middle, after, result="miss") == 0
     # Each card shows every finding once; an untrained model never alarms.
     outcomes = "mmcds_finding_outcomes_total"
-    for finding in FINDING_NAMES:
+    for finding in SYNTH_FINDINGS:
         shown = sum(
             moved(outcomes, before, after, finding=finding, outcome=o)
             for o in ("info", "warning", "critical", "abstained", "not_validated")
