@@ -159,6 +159,7 @@ def feedback(
         typer.echo("no feedback recorded", err=True)
 
 
+@app.command()
 def score(
     data: Annotated[Path, typer.Option(exists=True, file_okay=False, help="Cohort folder")],
     out: Annotated[Path, typer.Option(help="JSON-lines file of scores (appended; resumable)")],

@@ -123,7 +123,8 @@ def test_synthea_patient_with_study_but_no_pixels(
     assert response.status_code == 200, response.text
     (card,) = response.json()["cards"]
     assert "no imaging available" in card["detail"]
-    assert "unavailable" in card["detail"]  # the study's pixels are not in the PACS
+    # the study's pixels are not in the PACS: said in one plain line (issue 21)
+    assert "image not available from the PACS" in card["detail"]
 
 
 def test_bad_requests_get_clear_errors(

@@ -134,7 +134,9 @@ def test_schemathesis_finds_no_server_error(api_schema: Any, ehr_key: ECKey) -> 
             audience = f"{BASE}{case.formatted_path}"
             token = sign_hook_jwt(ehr_key, issuer=ISSUER, audience=audience, kid=KID)
             response = case.call(headers={"Authorization": f"Bearer {token}"})
-            assert response.status_code < 500, (
+            # /readyz answers 503 by design here: this app's FHIR server is a dead port.
+            not_ready = case.formatted_path == "/readyz" and response.status_code == 503
+            assert response.status_code < 500 or not_ready, (
                 case.method,
                 case.formatted_path,
                 response.text[:300],
