@@ -180,10 +180,10 @@ def _add_lab(fhir_url: str, patient_id: str) -> None:
     assert httpx.post(f"{fhir_url}/Observation", json=lab).status_code == 201
 
 
-
 def _stored_view(card: dict[str, Any]) -> dict[str, Any]:
     """A hook's card as stored: the hook adds a fresh, expiring review link to each answer."""
     return {k: v for k, v in card.items() if k != "links"}
+
 
 def test_ingest_then_hook_answers_from_store_without_encoding(
     setup: Setup, models: Pipeline, monkeypatch: pytest.MonkeyPatch
