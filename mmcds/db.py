@@ -6,6 +6,8 @@ writers queue instead of failing with "database is locked"); PostgreSQL in produ
 
 from __future__ import annotations
 
+import sqlite3
+import time
 import zlib
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,17 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     # busy_timeout first: switching to WAL itself needs a lock another process may hold
     cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
-    cur.execute("PRAGMA journal_mode=WAL")
+    # WAL is a property of the file: switch only when it is not WAL yet. The switch can answer
+    # "database is locked" at once (no busy handler) while another process opens the same new
+    # file, so retry it for a while.
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+    while cur.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
     cur.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL is durable across app crashes
     cur.close()
 
