@@ -139,6 +139,11 @@ class AnalysisService:
         if queue is None and queue_conninfo(settings) is not None:
             queue = WorkQueue(settings, handler=self.run_job)
         self.queue = queue
+        if queue is None and settings.hook_answer == "stored":
+            log.warning(
+                "no work queue (MMCDS_QUEUE_URL needs PostgreSQL): hooks answer only for patients "
+                "`mmcds ingest` analysed; MMCDS_HOOK_ANSWER=inline analyses on the hook's path"
+            )
         self.answers = AnswerCache(self.analyses, settings.answer_cache_size)
         self.fast = FastPath(
             self.answers,

@@ -166,14 +166,18 @@ def in_progress_card(state: str, queued: bool, model_card_url: str) -> dict[str,
         "stale": "The patient's data changed since the last AI analysis",
         "over-budget": "The patient's data could not be checked within the time allowed",
     }.get(state, "No AI analysis of this patient's current data exists yet")
+    pending = queued or state == "over-budget"
     then = (
         "it is queued and the report will be written back to the record when done"
-        if queued or state == "over-budget"
-        else "it is being prepared"
+        if pending
+        # no work queue (MMCDS_QUEUE_URL): nothing will run it until `mmcds ingest` does
+        else "no work queue is configured, so it runs only when the patient is ingested"
     )
     return {
         "uuid": str(uuid.uuid4()),
-        "summary": "AI risk summary: analysis in progress",
+        "summary": "AI risk summary: analysis in progress"
+        if pending
+        else "AI risk summary: not analysed yet",
         "indicator": "info",
         "detail": f"{why}; {then}. No assessment is shown until it is complete; nothing here "
         "should be read as a negative result.",
