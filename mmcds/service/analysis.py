@@ -28,6 +28,7 @@ from mmcds.fhir.report import report_bundle
 from mmcds.fhir.smart_auth import DEFAULT_SCOPE, BackendCredentials, BackendServicesAuth
 from mmcds.fhir.writeback import Sent, send_bundle
 from mmcds.fusion.pipeline import Pipeline
+from mmcds.metrics import observe_findings
 from mmcds.records import Analysis, Explanation, PatientRecord, content_hash
 from mmcds.service.analysis_store import STALE, AnalysisStore, StoredAnswer
 from mmcds.service.cards import (
@@ -183,6 +184,12 @@ class AnalysisService:
                 reason = "patient not found" if exc.status == 404 else f"FHIR error {exc.status}"
                 return self._unavailable(reason)
         analysis, explanation = self.assess(record)
+        # per finding, what this analysis shows: its level when assessed, else why not (counted
+        # here, where hooks, workers and ingest all pass, not in one caller)
+        observe_findings(
+            (f.finding, f.level.value if f.assessed else f.status)
+            for f in analysis.assessment.findings
+        )
         card = analysis_card(analysis, explanation, self.model_card_url)
         try:
             bundle: dict[str, Any] | None = report_bundle(

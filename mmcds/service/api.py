@@ -43,7 +43,7 @@ from mmcds.service.cards import card_uuids, order_card, reason_suggestions, with
 from mmcds.service.conformance import problems_cards_response
 from mmcds.service.feedback import FeedbackStore
 from mmcds.service.feedback_api import router as feedback_router
-from mmcds.service.health import install_operations, observe_assessment
+from mmcds.service.health import install_operations
 from mmcds.service.hooks import SERVICES, ContextRejected, HookService, check_context
 from mmcds.service.hooks import imaging_orders as imaging_orders_of
 from mmcds.service.logs import request_id_var
@@ -251,8 +251,6 @@ async def hook(
             f"fhirServer: {result.unavailable}",
         )
         return JSONResponse(outcome, status_code=412)
-    if result.analysis is not None:  # computed now (inline); workers count their own
-        observe_assessment(result.analysis.assessment)
     alarms = await run_in_threadpool(service.alarms, result) if spec.hook == "order-sign" else []
     cards = hook_cards(spec, result, orders, alarms)
     if result.analysis_id is not None:  # feedback names only the card: remember its analysis

@@ -32,10 +32,8 @@ from mmcds.metrics import (
     HOOK_RESPONSES,
     HOOK_SECONDS,
     HOOKS_IN_FLIGHT,
-    observe_findings,
     set_outbox_source,
 )
-from mmcds.records import Assessment
 from mmcds.service.analysis import AnalysisService
 from mmcds.service.logs import new_request_id, request_id_var
 from mmcds.service.outbox import Outbox
@@ -79,13 +77,6 @@ def metrics() -> Response:
 def add_readiness_check(app: FastAPI, name: str, check: Check) -> None:
     """Make ``/readyz`` depend on ``check`` too (e.g. the background queue)."""
     app.state.readiness_checks[name] = check
-
-
-def observe_assessment(assessment: Assessment) -> None:
-    """Count what a card shows per finding: its level when assessed, else why not."""
-    observe_findings(
-        (f.finding, f.level.value if f.assessed else f.status) for f in assessment.findings
-    )
 
 
 def outbox_counts(outbox: Outbox) -> dict[str, int]:
