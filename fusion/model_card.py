@@ -103,8 +103,10 @@ per-site calibrator where the site had enough patients ({site_cal}).
 Per subset of inputs (the other modalities masked on the validation split), a finding is
 *validated* only if its AUROC's bootstrap 95% CI excludes 0.5, its calibrator is not degenerate,
 and a warning point exists: the highest sensitivity from {ops.get("warning_sensitivity")} down
-to 0.85 keeping specificity at least 0.5. `critical` needs specificity
-{ops.get("critical_specificity")} with a Wilson 95% lower bound of at least 0.90. A finding that
+to {ops.get("warning_sensitivity_floor", 0.85)} keeping specificity at least
+{ops.get("min_warning_specificity", 0.5)}. `critical` needs specificity
+{ops.get("critical_specificity")} with a Wilson 95% lower bound of at least
+{ops.get("critical_specificity_lower", 0.90)}. A finding that
 is not validated for the inputs a patient brings is shown as not assessed and never alarms
 (`mmcds.fusion.validation`).
 

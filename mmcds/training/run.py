@@ -63,7 +63,7 @@ class TrainOptions:
     # Train (image encoders, fusion, early stopping) at these sites only; calibrate on every
     # site's validation patients; test at every site. None: every site.
     train_sites: tuple[str, ...] | None = None
-    warning_sensitivity: float = 0.95
+    warning_sensitivity: float = Rules.warning_sensitivity
     critical_specificity: float = 0.95
     limit: int | None = None  # first N patients of the labels file (quick runs)
     # The findings to learn (labels-file columns); None: cohort.json's, else every finding column
@@ -279,8 +279,7 @@ def train_cohort(
         "split": split,
         "seed": o.seed,
         "operating_points": {
-            "warning_sensitivity": o.warning_sensitivity,
-            "critical_specificity": o.critical_specificity,
+            **asdict(rules),
             "chosen_on": "validation split, calibrated probabilities",
         },
         "image_encoders": "fine-tuned on the training split" if pretrain else "random, frozen",

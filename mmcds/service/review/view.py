@@ -59,7 +59,8 @@ def operating_point(f: FindingScore) -> str:
     if not f.assessed:
         return "No operating point applies: this finding never raises an alert here."
     warn = (
-        f"Warning from {percent(f.warning_threshold)} (set for high sensitivity: few cases missed)"
+        f"Warning from {percent(f.warning_threshold)} (set on validation to catch most cases while "
+        "sparing most patients without the finding: see the validation figures below)"
     )
     if f.critical_threshold >= NEVER:
         return warn + "; never critical for these inputs (no validated high-specificity point)."
