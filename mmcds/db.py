@@ -104,3 +104,20 @@ def insert_ignoring(engine: Engine, table: Table, keys: list[str]) -> Any:
     if engine.dialect.name == "sqlite":
         return sqlite.insert(table).on_conflict_do_nothing(index_elements=keys)
     raise DatabaseError(f"unsupported database {engine.dialect.name}: use SQLite or PostgreSQL")
+
+
+def insert_or_replace_where(
+    engine: Engine, table: Table, keys: list[str], values: dict[str, Any], where: Any
+) -> Any:
+    """``INSERT ... ON CONFLICT (keys) DO UPDATE SET values WHERE where``: one atomic statement
+    that writes a new row or takes over an existing one only when ``where`` holds (e.g. it has
+    expired); with ``.returning(...)`` a row comes back only if this writer won."""
+    if engine.dialect.name == "postgresql":
+        stmt: Any = postgresql.insert(table)
+    elif engine.dialect.name == "sqlite":
+        stmt = sqlite.insert(table)
+    else:
+        raise DatabaseError(f"unsupported database {engine.dialect.name}: use SQLite or PostgreSQL")
+    return stmt.values(**values).on_conflict_do_update(
+        index_elements=keys, set_=values, where=where
+    )

@@ -41,21 +41,23 @@ def error(status: int, message: str) -> JSONResponse:
 
 
 # --- dependencies: what each endpoint needs, built once per app in create_app ---------------
+# ``async`` on purpose: FastAPI runs a plain ``def`` dependency in its thread pool, and four
+# thread hops per hook were a fifth of a warm hook's CPU (py-spy, benchmarks/hook_load.py).
 
 
-def app_settings(request: Request) -> Settings:
+async def app_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def analysis_service(request: Request) -> AnalysisService:
+async def analysis_service(request: Request) -> AnalysisService:
     return request.app.state.analysis
 
 
-def jwt_verifier(request: Request) -> JwtVerifier:
+async def jwt_verifier(request: Request) -> JwtVerifier:
     return request.app.state.verifier
 
 
-def feedback_store(request: Request) -> FeedbackStore:
+async def feedback_store(request: Request) -> FeedbackStore:
     return request.app.state.feedback
 
 

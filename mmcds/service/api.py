@@ -256,9 +256,7 @@ async def hook(
     if result.analysis_id is not None:  # feedback names only the card: remember its analysis
         cards = with_review_links(request, cards, service_id, result.analysis_id)
         uuids = [u for card in cards for u in card_uuids(card)]
-        await run_in_threadpool(
-            feedback.link_cards, uuids, result.analysis_id, service_id=service_id
-        )
+        await feedback.link_cards_async(uuids, result.analysis_id, service_id=service_id)
     answer = {"cards": cards}
     for problem in problems_cards_response(answer):  # our bug, not the EHR's: say so loudly
         log.error("hook %s: response breaks CDS Hooks 2.0: %s", request_id, problem)

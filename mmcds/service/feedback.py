@@ -32,6 +32,7 @@ from sqlalchemy import (
 )
 
 from mmcds.db import create_tables, insert_ignoring, make_engine
+from mmcds.service.group_commit import GroupCommit
 
 Outcome = Literal["accepted", "overridden"]
 FeedbackSource = Literal["cds-hooks", "review-page"]
@@ -96,6 +97,14 @@ def _tables(metadata: MetaData) -> tuple[Table, Table]:
     return feedback, links
 
 
+def _link_rows(
+    card_uuids: list[str], analysis_id: str, service_id: str | None
+) -> list[dict[str, Any]]:
+    return [
+        {"card_uuid": u, "analysis_id": analysis_id, "service_id": service_id} for u in card_uuids
+    ]
+
+
 class FeedbackStore:
     """``record`` feedback once, ``list`` it back for monitoring; ``link_card`` ties a card's
     uuid to its analysis when the card is made."""
@@ -104,6 +113,7 @@ class FeedbackStore:
         self.engine = make_engine(url, purpose="feedback store")
         self.feedback, self.links = _tables(MetaData())
         create_tables(self.engine, self.feedback, self.links, purpose="feedback store")
+        self._links_writer: GroupCommit[dict[str, Any]] = GroupCommit(self.write_links)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -115,10 +125,15 @@ class FeedbackStore:
     ) -> None:
         """Remember which analysis cards (and their suggestions) show, in one transaction; the
         first link of a uuid wins (uuids are random, so a second one is a retry)."""
-        rows = [
-            {"card_uuid": u, "analysis_id": analysis_id, "service_id": service_id}
-            for u in card_uuids
-        ]
+        self.write_links(_link_rows(card_uuids, analysis_id, service_id))
+
+    async def link_cards_async(
+        self, card_uuids: builtins.list[str], analysis_id: str, *, service_id: str | None = None
+    ) -> None:
+        """``link_cards`` from the event loop: concurrent hooks share one transaction."""
+        await self._links_writer.submit(_link_rows(card_uuids, analysis_id, service_id))
+
+    def write_links(self, rows: builtins.list[dict[str, Any]]) -> None:
         if rows:
             with self.engine.begin() as conn:
                 conn.execute(insert_ignoring(self.engine, self.links, ["card_uuid"]), rows)

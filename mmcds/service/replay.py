@@ -22,7 +22,7 @@ from typing import Protocol
 from sqlalchemy import Column, Float, MetaData, String, Table, delete
 from sqlalchemy.exc import SQLAlchemyError
 
-from mmcds.db import create_tables, insert_ignoring, make_engine
+from mmcds.db import create_tables, insert_or_replace_where, make_engine
 from mmcds.errors import AuthError
 from mmcds.settings import Settings
 
@@ -77,19 +77,22 @@ class DatabaseReplayCache:
 
     def check_and_add(self, key: str, expires_at: float) -> bool:
         now, t = self._clock(), self.table
+        # One statement on the hook's path: insert, or take over this key's row only if it has
+        # expired (an expired entry must not block its key forever); a row comes back only if
+        # this call claimed the key. Other expired rows are purged now and then.
+        claim = insert_or_replace_where(
+            self.engine,
+            t,
+            ["key"],
+            {"key": _digest(key), "expires_at": expires_at},
+            where=t.c.expires_at < now,
+        ).returning(t.c.key)
         try:
             with self.engine.begin() as conn:
                 if now - self._purged > PURGE_EVERY_S:
                     self._purged = now
                     conn.execute(delete(t).where(t.c.expires_at < now))
-                else:  # an expired entry of this very key must not block it forever
-                    conn.execute(delete(t).where(t.c.key == _digest(key), t.c.expires_at < now))
-                stmt = (
-                    insert_ignoring(self.engine, t, ["key"])
-                    .values(key=_digest(key), expires_at=expires_at)
-                    .returning(t.c.key)
-                )
-                return conn.execute(stmt).first() is not None
+                return conn.execute(claim).first() is not None
         except SQLAlchemyError as exc:
             log.error("replay cache unavailable: %s", type(exc).__name__)
             raise AuthError("replay cache unavailable") from exc
