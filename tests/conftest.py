@@ -11,7 +11,10 @@ import pytest
 
 from mmcds.dev.servers import FhirSandbox, OrthancPacs, ServerUnavailable
 
-POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+# MMCDS_TEST_POSTGRES_URL lets parallel checkouts on one machine use databases of their own.
+POSTGRES_URL = os.environ.get(
+    "MMCDS_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
