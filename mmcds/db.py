@@ -107,17 +107,18 @@ def insert_ignoring(engine: Engine, table: Table, keys: list[str]) -> Any:
 
 
 def insert_or_replace_where(
-    engine: Engine, table: Table, keys: list[str], values: dict[str, Any], where: Any
+    engine: Engine, table: Table, keys: list[str], rows: list[dict[str, Any]], where: Any
 ) -> Any:
-    """``INSERT ... ON CONFLICT (keys) DO UPDATE SET values WHERE where``: one atomic statement
-    that writes a new row or takes over an existing one only when ``where`` holds (e.g. it has
-    expired); with ``.returning(...)`` a row comes back only if this writer won."""
+    """``INSERT ... VALUES rows ON CONFLICT (keys) DO UPDATE SET <the new row's values> WHERE
+    where``: one atomic statement that writes new rows or takes over existing ones only when
+    ``where`` holds (e.g. they have expired); with ``.returning(...)`` a row comes back only for
+    the rows this writer won. ``rows`` must not repeat a key."""
     if engine.dialect.name == "postgresql":
         stmt: Any = postgresql.insert(table)
     elif engine.dialect.name == "sqlite":
         stmt = sqlite.insert(table)
     else:
         raise DatabaseError(f"unsupported database {engine.dialect.name}: use SQLite or PostgreSQL")
-    return stmt.values(**values).on_conflict_do_update(
-        index_elements=keys, set_=values, where=where
-    )
+    stmt = stmt.values(rows)
+    updated = {name: stmt.excluded[name] for name in rows[0] if name not in keys}
+    return stmt.on_conflict_do_update(index_elements=keys, set_=updated, where=where)

@@ -95,7 +95,7 @@ async def admit(
         raise Refused(error(413, f"request body over {settings.max_request_bytes} bytes"))
     endpoint = f"{settings.public_base_url.rstrip('/')}{path}"
     try:
-        claims = verifier.verify(request.headers.get("authorization"), endpoint)
+        claims = await verifier.verify_async(request.headers.get("authorization"), endpoint)
     except AuthError as exc:
         log.warning("%s rejected: %s", path, exc)
         raise Refused(JSONResponse({}, status_code=401)) from exc

@@ -434,6 +434,16 @@ class AnalysisStore:
             row.fhir_server, row.patient_id, row.analysis_id, row.fingerprint, json.loads(row.cards)
         )
 
+    def answer_version(self, fhir_server: str, patient_id: str) -> tuple[str, str] | None:
+        """(analysis id, fingerprint) of the patient's stored answer: what tells a cached copy
+        of its cards from a replaced or stale one, without reading and parsing the cards."""
+        t = self.answers
+        key = answer_key(fhir_server, patient_id)
+        with self.engine.connect() as conn:
+            version = select(t.c.analysis_id, t.c.fingerprint).where(t.c.key == key)
+            row = conn.execute(version).first()
+        return None if row is None else (row.analysis_id, row.fingerprint)
+
     def mark_stale(self, fhir_server: str, patient_id: str) -> bool:
         """A notification said the patient's data changed; False when no answer is stored."""
         t = self.answers

@@ -80,6 +80,21 @@ class JwtVerifier:
 
     def verify(self, authorization: str | None, audience: str) -> dict[str, Any]:
         """Claims of a valid token from an ``Authorization: Bearer`` header, or ``AuthError``."""
+        claims = self._checked_claims(authorization, audience)
+        if not self._replay.check_and_add(*_replay_entry(claims)):
+            raise AuthError("jti replayed")
+        return claims
+
+    async def verify_async(self, authorization: str | None, audience: str) -> dict[str, Any]:
+        """``verify`` for the event loop: the replay claim does not block it."""
+        claims = self._checked_claims(authorization, audience)
+        if not await self._replay.check_and_add_async(*_replay_entry(claims)):
+            raise AuthError("jti replayed")
+        return claims
+
+    def _checked_claims(self, authorization: str | None, audience: str) -> dict[str, Any]:
+        """Everything but the replay check (which must come last: only a token that passed
+        every other check may use up its ``jti``)."""
         if not authorization or not authorization.startswith("Bearer "):
             raise AuthError("missing bearer token")
         token = authorization.removeprefix("Bearer ").strip()
@@ -119,8 +134,11 @@ class JwtVerifier:
             raise AuthError("iat in the future or lifetime too long")
         if not isinstance(jti, str) or not jti:
             raise AuthError("jti is required")
-        if not self._replay.check_and_add(f"{claims['iss']}|{jti}", float(exp) + LEEWAY_S):
-            raise AuthError("jti replayed")
+
+
+def _replay_entry(claims: dict[str, Any]) -> tuple[str, float]:
+    """The replay cache's key for a checked token, and until when it must be remembered."""
+    return f"{claims['iss']}|{claims['jti']}", float(claims["exp"]) + LEEWAY_S
 
 
 def sign_hook_jwt(

@@ -162,11 +162,22 @@ class AnswerCache:
             row = self.store.get_answer(fhir_server, patient_id)
             if row is None:
                 return None
-            with self._lock:
-                self._rows[key] = row
-                self._rows.move_to_end(key)
-                while len(self._rows) > self._size:
-                    self._rows.popitem(last=False)
+            self.remember(row)
+        return row
+
+    def current(self, fhir_server: str, patient_id: str) -> StoredAnswer | None:
+        """The patient's stored answer as the database has it now: its version is read on every
+        call (so a stale mark or a replacement by any process shows at once), its cards from
+        memory while that version is unchanged."""
+        version = self.store.answer_version(fhir_server, patient_id)
+        if version is None:
+            return None
+        row = self.peek(fhir_server, patient_id)
+        if row is None or (row.analysis_id, row.fingerprint) != version:
+            row = self.store.get_answer(fhir_server, patient_id)
+            if row is None:
+                return None
+            self.remember(row)
         return row
 
     def peek(self, fhir_server: str, patient_id: str) -> StoredAnswer | None:
@@ -175,8 +186,12 @@ class AnswerCache:
             return self._rows.get((fhir_server, patient_id))
 
     def remember(self, answer: StoredAnswer) -> None:
+        key = (answer.fhir_server, answer.patient_id)
         with self._lock:
-            self._rows[(answer.fhir_server, answer.patient_id)] = answer
+            self._rows[key] = answer
+            self._rows.move_to_end(key)
+            while len(self._rows) > self._size:
+                self._rows.popitem(last=False)
 
 
 @dataclass(frozen=True)
@@ -269,7 +284,7 @@ class FastPath:
         """MMCDS_CURRENCY_CHECK=notifications: the stored row says whether it is current
         (``/fhir-notify`` marks it stale), read from the database on every hook so that every
         process sees a mark at once. No FHIR request."""
-        stored = self.cache.store.get_answer(fhir_server, patient_id)
+        stored = self.cache.current(fhir_server, patient_id)
         if stored is not None and stored.fingerprint != STALE:
             return FastAnswer("current", stored.cards, analysis_id=stored.analysis_id)
         state: State = "miss" if stored is None else "stale"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import builtins
 import json
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Literal, cast
@@ -37,6 +38,7 @@ from mmcds.service.group_commit import GroupCommit
 Outcome = Literal["accepted", "overridden"]
 FeedbackSource = Literal["cds-hooks", "review-page"]
 OUTCOMES: tuple[Outcome, ...] = ("accepted", "overridden")
+LINKS_REMEMBERED = 100_000  # card uuids (~100 bytes each) kept in memory as already linked
 
 
 @dataclass(frozen=True)
@@ -113,7 +115,11 @@ class FeedbackStore:
         self.engine = make_engine(url, purpose="feedback store")
         self.feedback, self.links = _tables(MetaData())
         create_tables(self.engine, self.feedback, self.links, purpose="feedback store")
-        self._links_writer: GroupCommit[dict[str, Any]] = GroupCommit(self.write_links)
+        self._links_writer: GroupCommit[dict[str, Any], None] = GroupCommit(self.write_links)
+        # Card uuids this process has seen committed. A stored answer's cards keep their uuids,
+        # so every warm hook for a patient would re-write the same links; links are never
+        # deleted and the first link of a uuid wins, so a committed one needs no second write.
+        self._linked: OrderedDict[str, None] = OrderedDict()
 
     def close(self) -> None:
         self.engine.dispose()
@@ -130,13 +136,20 @@ class FeedbackStore:
     async def link_cards_async(
         self, card_uuids: builtins.list[str], analysis_id: str, *, service_id: str | None = None
     ) -> None:
-        """``link_cards`` from the event loop: concurrent hooks share one transaction."""
-        await self._links_writer.submit(_link_rows(card_uuids, analysis_id, service_id))
+        """``link_cards`` from the event loop: concurrent hooks share one transaction, and
+        links this process already committed are not written again."""
+        new = [u for u in card_uuids if u not in self._linked]
+        await self._links_writer.submit(_link_rows(new, analysis_id, service_id))
+        for card_uuid in new:
+            self._linked[card_uuid] = None
+        while len(self._linked) > LINKS_REMEMBERED:
+            self._linked.popitem(last=False)
 
-    def write_links(self, rows: builtins.list[dict[str, Any]]) -> None:
+    def write_links(self, rows: builtins.list[dict[str, Any]]) -> builtins.list[None]:
         if rows:
             with self.engine.begin() as conn:
                 conn.execute(insert_ignoring(self.engine, self.links, ["card_uuid"]), rows)
+        return [None] * len(rows)
 
     def link_card(self, card_uuid: str, analysis_id: str, *, service_id: str | None = None) -> None:
         self.link_cards([card_uuid], analysis_id, service_id=service_id)

@@ -187,3 +187,31 @@ def test_serve_refuses_workers_with_a_per_process_cache(tmp_path: Path) -> None:
     )
     assert done.returncode != 0
     assert "MMCDS_REPLAY_CACHE" in done.stdout + done.stderr
+
+
+def test_concurrent_async_claims_of_one_key_admit_exactly_one(
+    shared: dict[str, str], tmp_path: Path
+) -> None:
+    """The hook path's claims (``check_and_add_async``): concurrent hooks share one database
+    transaction, and a token sent twice within one batch is still accepted once."""
+    import asyncio
+
+    from mmcds.service.replay import replay_cache
+    from mmcds.settings import Settings
+
+    settings = Settings(home=tmp_path, **shared)  # type: ignore[arg-type]
+    cache = replay_cache(settings)
+    expires = time.time() + 300
+    same = f"{ISSUER}|same-{time.time_ns()}"
+    others = [f"{ISSUER}|other-{time.time_ns()}-{i}" for i in range(10)]
+
+    async def claim_all() -> list[bool]:
+        keys = [same] * 10 + others
+        return list(await asyncio.gather(*(cache.check_and_add_async(k, expires) for k in keys)))
+
+    results = asyncio.run(claim_all())
+    assert sum(results[:10]) == 1  # the repeated key: exactly one claim wins
+    assert results[10:] == [True] * 10  # distinct keys in the same batch are all new
+    assert asyncio.run(claim_all()) == [False] * 20  # and all of them are now seen
+    # the sync path (other entry points) sees the async claims
+    assert cache.check_and_add(same, expires) is False
