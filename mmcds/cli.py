@@ -294,15 +294,23 @@ def ingest(
 def worker(
     concurrency: Annotated[int, typer.Option(min=1, help="Jobs at once in this process")] = 1,
     burst: Annotated[bool, typer.Option(help="Exit when the queue is empty")] = False,
+    health_port: Annotated[
+        int | None,
+        typer.Option(min=1, max=65535, help="Serve /healthz, /readyz, /metrics on this port"),
+    ] = None,
 ) -> None:
     """Run queued analyses (ingest, FHIR notifications, hooks that found no current answer)."""
-    from mmcds.service.analysis import AnalysisService
+    from mmcds.service.logs import configure_logging
+    from mmcds.service.queue import QueueUnavailable
+    from mmcds.service.worker import run_worker
 
     s = get_settings()
-    service = AnalysisService(s)
-    if service.queue is None:
-        raise typer.BadParameter("no work queue: set MMCDS_QUEUE_URL to a PostgreSQL URL")
-    service.queue.run_worker(concurrency=concurrency, burst=burst)
+    configure_logging(s.log_level, s.log_format)
+    try:
+        run_worker(s, concurrency=concurrency, burst=burst, health_port=health_port)
+    except QueueUnavailable as exc:  # no queue configured, or its PostgreSQL is down
+        typer.echo(f"mmcds worker: {exc}", err=True)
+        raise typer.Exit(1) from exc
 
 
 @app.command()

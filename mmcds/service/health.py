@@ -1,14 +1,17 @@
 """Operating the service: health and readiness probes, ``/metrics``, request ids, hook timing.
 
-``install_operations(app, services)`` is all ``create_app`` calls. It adds
+``install_operations(app, services)`` is all ``create_app`` calls (``probe_app`` is the same
+probes and metrics for a queue worker). It adds
 
 - ``GET /healthz``: the process answers (liveness: restart it when this fails);
 - ``GET /readyz``: it can do its job now (readiness: send it traffic only when this is 200):
   the database answers, the models are loaded (the first probe starts loading them, so a
   replica never takes a hook before its models are in memory), the default FHIR server
-  answers, and every check another part registered with ``add_readiness_check`` (the queue)
-  passes. A failing check answers 503 naming the check and why, never a credential;
+  answers, the work queue answers (where there is one), and every check another part
+  registered with ``add_readiness_check`` passes. A failing check answers 503 naming the
+  check and why, never a credential;
 - ``GET /metrics``: the process's default Prometheus registry (``mmcds.metrics``);
+- gauges read from the database at scrape time: the outbox's states and the queue's depth;
 - a middleware that gives every request an id (the caller's ``X-Request-ID`` when it is a
   plain bounded token, else a fresh UUID), puts it on every log line of that request
   (``mmcds.service.logs``) and on the response, and times hooks per CDS service.
@@ -33,10 +36,12 @@ from mmcds.metrics import (
     HOOK_SECONDS,
     HOOKS_IN_FLIGHT,
     set_outbox_source,
+    set_queue_source,
 )
 from mmcds.service.analysis import AnalysisService
 from mmcds.service.logs import new_request_id, request_id_var
 from mmcds.service.outbox import Outbox
+from mmcds.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -186,14 +191,39 @@ class OperationsMiddleware:
             request_id_var.reset(token)
 
 
-def install_operations(app: FastAPI, services: Collection[str]) -> None:
-    service: AnalysisService = app.state.analysis
-    settings = app.state.settings
-    app.state.readiness_checks = {
+def readiness_checks(service: AnalysisService, settings: Settings) -> dict[str, Check]:
+    """What ``/readyz`` checks, for the service and for queue workers alike: the database, the
+    models (loaded in the background from the first probe on), the default FHIR server, and the
+    work queue where there is one."""
+    checks: dict[str, Check] = {
         "database": _database(service),
         "models": _ModelWarmUp(service),
         "fhir": _fhir_server(settings.fhir_base_url, timeout_s=2.0),
     }
+    if service.queue is not None:
+        checks["queue"] = service.queue.check
+    return checks
+
+
+def _read_at_scrape(service: AnalysisService) -> None:
+    """The gauges read from the database at scrape time read this service's tables."""
     set_outbox_source(lambda: outbox_counts(service.outbox))
+    set_queue_source(service.queue.depth if service.queue is not None else None)
+
+
+def install_operations(app: FastAPI, services: Collection[str]) -> None:
+    service: AnalysisService = app.state.analysis
+    app.state.readiness_checks = readiness_checks(service, app.state.settings)
+    _read_at_scrape(service)
     app.add_middleware(OperationsMiddleware, services=list(services))
     app.include_router(router)
+
+
+def probe_app(service: AnalysisService, settings: Settings) -> FastAPI:
+    """``/healthz``, ``/readyz`` and ``/metrics`` alone, for a process that serves no hooks (a
+    queue worker): the same checks and metrics as the service's."""
+    app = FastAPI(title="mmcds worker probes", openapi_url=None, docs_url=None, redoc_url=None)
+    app.state.readiness_checks = readiness_checks(service, settings)
+    _read_at_scrape(service)
+    app.include_router(router)
+    return app
