@@ -38,6 +38,7 @@ QUEUE = "mmcds"
 TASK = "mmcds.analyse_patient"
 MAINTENANCE = "mmcds-maintenance"  # its own queue: not counted as analyses waiting
 RETRY_STALLED = "mmcds.retry_stalled_jobs"
+STALLED_AFTER_S = 60.0  # six missed heartbeats (procrastinate beats every 10 s)
 Handler = Callable[[str, str], object]  # (fhir server, patient id): analyse and store
 
 
@@ -122,10 +123,7 @@ class WorkQueue:
             name=RETRY_STALLED, queue=MAINTENANCE, queueing_lock=RETRY_STALLED, pass_context=False
         )
         async def retry_stalled_jobs(timestamp: int) -> None:
-            manager = self.app.job_manager
-            for job in await manager.get_stalled_jobs(task_name=TASK, seconds_since_heartbeat=60):
-                log.warning("job %s of a stopped worker is queued again", job.id)
-                await manager.retry_job(job)
+            await self.retry_stalled(STALLED_AFTER_S)
 
     def _deferrer(self, fhir_server: str, patient_id: str) -> Any:
         key = f"{fhir_server}|{patient_id}"
@@ -149,6 +147,21 @@ class WorkQueue:
         except AlreadyEnqueued:
             return False
         return True
+
+    async def retry_stalled(self, seconds_since_heartbeat: float) -> int:
+        """Queue again the analyses left "doing" by workers silent for that long (or gone);
+        how many. Procrastinate's workers beat every 10 s, so less than that would take jobs
+        from live workers."""
+        manager = self.app.job_manager
+        stalled = await manager.get_stalled_jobs(
+            task_name=TASK, seconds_since_heartbeat=seconds_since_heartbeat
+        )
+        count = 0
+        for job in stalled:
+            log.warning("job %s of a stopped worker is queued again", job.id)
+            await manager.retry_job(job)
+            count += 1
+        return count
 
     def open(self) -> WorkQueue:
         self.app.open()

@@ -4,6 +4,8 @@ SIGTERM. Real FHIR sandbox, Orthanc, PostgreSQL queue and procrastinate workers.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -193,6 +195,40 @@ def _job_status(postgres_url: str, schema: str) -> list[str]:
     return [r[0] for r in rows]
 
 
+def _worker_env(settings: Settings, tmp_path: Path) -> dict[str, str]:
+    """Environment of an ``mmcds worker`` process with these settings (its own store)."""
+    assert settings.queue_url and settings.dicomweb_user and settings.dicomweb_password
+    return os.environ | {
+        "MMCDS_FHIR_BASE_URL": settings.fhir_base_url,
+        "MMCDS_FHIR_ALLOWLIST": json.dumps(settings.fhir_allowlist),
+        "MMCDS_DICOMWEB_URL": settings.dicomweb_url,
+        "MMCDS_DICOMWEB_USER": settings.dicomweb_user,
+        "MMCDS_DICOMWEB_PASSWORD": settings.dicomweb_password,
+        "MMCDS_DATABASE_URL": f"sqlite:///{tmp_path / 'worker.db'}",
+        "MMCDS_HOME": str(tmp_path),
+        "MMCDS_MODEL_DIR": str(tmp_path / "models"),
+        "MMCDS_QUEUE_URL": settings.queue_url,
+        "MMCDS_QUEUE_SCHEMA": settings.queue_schema,
+        "MMCDS_HOST": "127.0.0.1",
+        "MMCDS_SHUTDOWN_GRACE_S": "120",
+    }
+
+
+@contextlib.contextmanager
+def _worker(settings: Settings, tmp_path: Path, *args: str) -> Iterator[subprocess.Popen[bytes]]:
+    """``mmcds worker ARGS`` in a process of its own, logging to tmp_path/worker.log."""
+    mmcds = str(Path(sys.executable).parent / "mmcds")
+    with (tmp_path / "worker.log").open("w") as log:
+        worker = subprocess.Popen([mmcds, "worker", *args], env=_worker_env(settings, tmp_path),
+                                  stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+        try:
+            yield worker
+        finally:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
+
+
 def test_worker_serves_probes_and_finishes_its_job_on_sigterm(
     make_settings: Callable[..., Settings],
     load_cohort: Callable[[Path | None], list[str]],
@@ -209,26 +245,7 @@ def test_worker_serves_probes_and_finishes_its_job_on_sigterm(
         [fhir_url], dicomweb, queue_url=postgres_url, queue_schema=queue_schema
     )
     port = free_port()
-    env = os.environ | {
-        "MMCDS_FHIR_BASE_URL": fhir_url,
-        "MMCDS_FHIR_ALLOWLIST": json.dumps([fhir_url]),
-        "MMCDS_DICOMWEB_URL": dicomweb.dicomweb_url,
-        "MMCDS_DICOMWEB_USER": dicomweb.auth[0],
-        "MMCDS_DICOMWEB_PASSWORD": dicomweb.auth[1],
-        "MMCDS_DATABASE_URL": f"sqlite:///{tmp_path / 'worker.db'}",
-        "MMCDS_HOME": str(tmp_path),
-        "MMCDS_MODEL_DIR": str(tmp_path / "models"),
-        "MMCDS_QUEUE_URL": postgres_url,
-        "MMCDS_QUEUE_SCHEMA": queue_schema,
-        "MMCDS_HOST": "127.0.0.1",
-        "MMCDS_SHUTDOWN_GRACE_S": "120",
-    }
-    mmcds = str(Path(sys.executable).parent / "mmcds")
-    log = (tmp_path / "worker.log").open("w")
-    worker = subprocess.Popen([mmcds, "worker", "--health-port", str(port)], env=env,
-                              stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    try:
+    with _worker(settings, tmp_path, "--health-port", str(port)) as worker:
 
         def ready() -> bool:
             assert worker.poll() is None, (tmp_path / "worker.log").read_text()
@@ -237,6 +254,7 @@ def test_worker_serves_probes_and_finishes_its_job_on_sigterm(
             except httpx.TransportError:
                 return False
 
+        base = f"http://127.0.0.1:{port}"
         _until(ready, timeout_s=300)  # builds and loads the tiny models first
         checks = httpx.get(f"{base}/readyz").json()["checks"]
         assert checks == {"database": "ok", "models": "ok", "fhir": "ok", "queue": "ok"}
@@ -251,9 +269,50 @@ def test_worker_serves_probes_and_finishes_its_job_on_sigterm(
         _until(lambda: _job_status(postgres_url, queue_schema) == ["doing"], timeout_s=60)
         worker.send_signal(signal.SIGTERM)
         assert worker.wait(timeout=120) == 0, (tmp_path / "worker.log").read_text()
+        assert "Stopped worker" in (tmp_path / "worker.log").read_text()
         assert _job_status(postgres_url, queue_schema) == ["succeeded"]
-    finally:
-        if worker.poll() is None:
-            worker.kill()
-            worker.wait()
-        log.close()
+
+
+def test_a_job_of_a_killed_worker_is_queued_again_and_done(
+    make_settings: Callable[..., Settings],
+    pipeline: Pipeline,
+    load_cohort: Callable[[Path | None], list[str]],
+    fhir_url: str,
+    dicomweb: Any,
+    postgres_url: str,
+    queue_schema: str,
+    tmp_path: Path,
+) -> None:
+    """A worker SIGKILLed mid-job (its pod's grace ran out, OOM) leaves the job "doing"; the
+    stalled-job sweep hands it back once the worker's heartbeat is stale, and another worker
+    does it. (The sweep runs every minute with a 60 s threshold; here it is called at 0 s.)"""
+    ids = load_cohort(None)
+    settings = make_settings(
+        [fhir_url], dicomweb, queue_url=postgres_url, queue_schema=queue_schema
+    )
+    with _worker(settings, tmp_path) as worker:
+        queue = WorkQueue(settings).open()
+        try:
+            assert queue.defer(fhir_url, ids[0])
+        finally:
+            queue.close()
+        _until(lambda: _job_status(postgres_url, queue_schema) == ["doing"], timeout_s=300)
+        worker.kill()
+        worker.wait()
+
+    async def sweep(seconds: float) -> int:
+        queue = WorkQueue(settings)
+        await queue.open_async()
+        try:
+            return await queue.retry_stalled(seconds)
+        finally:
+            await queue.close_async()
+
+    assert asyncio.run(sweep(60)) == 0  # the dead worker beat less than a minute ago
+    assert _job_status(postgres_url, queue_schema) == ["doing"]
+    assert asyncio.run(sweep(0)) == 1
+    assert _job_status(postgres_url, queue_schema) == ["todo"]
+    service = AnalysisService(settings, pipeline=pipeline)
+    WorkQueue(settings, handler=service.run_job).run_worker(burst=True)
+    assert _job_status(postgres_url, queue_schema) == ["succeeded"]
+    assert service.analyses.get_answer(fhir_url, ids[0]) is not None  # hooks can answer now
