@@ -20,12 +20,8 @@ ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "deploy" / "docker"
 OVERLAYS = sorted((ROOT / "deploy" / "k8s" / "overlays").iterdir())
 BIN = Path(sys.executable).parent
-# Variables the files set for parts whose settings other modules define (write-back's
-# backend-services client, the queue) or that libraries read.
-FOREIGN = {
-    "MMCDS_REDIS_URL", "MMCDS_BACKEND_CLIENT_ID", "MMCDS_BACKEND_KEY_FILE",
-    "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
-}  # fmt: skip
+# Variables the files set that libraries read, not our settings.
+FOREIGN = {"HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"}
 
 
 def _tool(name: str) -> str:
@@ -121,6 +117,14 @@ def test_overlay_renders_to_valid_kubernetes_manifests(overlay: Path) -> None:
     }  # fmt: skip
     secret = _by_kind(docs, "Secret")["mmcds-secrets"]["stringData"]
     assert {"MMCDS_TRUSTED_ISSUERS", "backend-services-key.pem"} <= set(secret)
+    # Write-back with the service's own backend-services token, its key the mounted file.
+    assert config["data"]["MMCDS_WRITEBACK_AUTH"] == "smart-backend"
+    assert "MMCDS_WRITEBACK_CLIENT_ID" in secret
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    key_mount = next(m for m in container["volumeMounts"] if m["name"] == "backend-key")
+    assert (
+        env["MMCDS_WRITEBACK_PRIVATE_KEY"] == f"{key_mount['mountPath']}/backend-services-key.pem"
+    )
     assert "MMCDS_FHIR_ALLOWLIST" in config["data"]
     names = set(config["data"]) | set(secret) | {e["name"] for e in container.get("env", [])}
     assert not _unknown_settings({n for n in names if n.startswith("MMCDS_")})
@@ -141,6 +145,8 @@ def _check_workers(docs: list[dict[str, Any]], api: dict[str, Any]) -> None:
     assert worker["image"].split(":")[0] == api["image"].split(":")[0]
     env = {e["name"]: e.get("value") for e in worker["env"]}
     assert env["MMCDS_HOST"] == "0.0.0.0"  # probes reachable from the kubelet
+    api_env = {e["name"]: e.get("value") for e in api["env"]}
+    assert env["MMCDS_WRITEBACK_PRIVATE_KEY"] == api_env["MMCDS_WRITEBACK_PRIVATE_KEY"]
     assert pod["terminationGracePeriodSeconds"] > float(env["MMCDS_SHUTDOWN_GRACE_S"])
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert worker["resources"]["requests"] and worker["resources"]["limits"]
