@@ -12,11 +12,14 @@ a URL or anything else a request chooses.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.core import REGISTRY, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+log = logging.getLogger(__name__)
 
 # CDS Hooks asks for answers "on the order of 500 ms": buckets resolve well below and above it.
 HOOK_SECONDS = Histogram(
@@ -68,7 +71,11 @@ class _ReadAtScrape(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         family = GaugeMetricFamily(self.name, self.documentation, labels=[self.label])
-        counts = self.source() if self.source is not None else {}
+        try:
+            counts = self.source() if self.source is not None else {}
+        except Exception as exc:  # a database that is down must not fail the whole scrape
+            log.warning("%s not read: %s", self.name, type(exc).__name__)
+            return  # the series goes absent: alert on absent(...); /readyz says why
         for value in sorted(set(self.always) | set(counts)):
             family.add_metric([value], float(counts.get(value, 0)))
         yield family

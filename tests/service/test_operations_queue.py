@@ -166,6 +166,18 @@ def test_metrics_count_queued_work_and_feedback_once(
         refused = client.post(f"{review}/feedback", data={"outcome": "maybe"})
         assert refused.status_code == 400
         after = _scrape(client.get("/metrics").text)
+        assert client.get("/readyz").json()["checks"]["queue"] == "ok"
+
+        # The queue's tables gone (a database being restored): the scrape still answers, the
+        # gauge goes absent (alerts use absent()), and readiness names the queue.
+        with psycopg.connect(postgres_url.replace("+psycopg", ""), autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA "{queue_schema}" CASCADE')
+        broken = client.get("/metrics")
+        assert broken.status_code == 200 and "mmcds_outbox_reports_by_state{" in broken.text
+        assert "mmcds_queue_depth{" not in broken.text
+        assert (
+            client.get("/readyz").json()["checks"]["queue"] == "queue unreachable (UndefinedTable)"
+        )
 
     def moved(name: str, start: Samples, end: Samples, **labels: str) -> float:
         return _value(end, name, **labels) - _value(start, name, **labels)
