@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import os
 import signal
@@ -97,6 +98,7 @@ def test_metrics_count_queued_work_and_feedback_once(
     postgres_url: str,
     queue_schema: str,
     tmp_path: Path,
+    captured_logs: io.StringIO,
 ) -> None:
     ids = load_cohort(None)
     settings = make_settings(
@@ -181,6 +183,12 @@ def test_metrics_count_queued_work_and_feedback_once(
 
     def moved(name: str, start: Samples, end: Samples, **labels: str) -> float:
         return _value(end, name, **labels) - _value(start, name, **labels)
+
+    # The queue logged its jobs (deferred by hooks, run by the worker) without their arguments:
+    # a patient id is an identifier.
+    logged = captured_logs.getvalue()
+    assert '"logger": "procrastinate.jobs"' in logged and "mmcds.analyse_patient[" in logged
+    assert not [i for i in ids if i in logged], "a patient id reached the log"
 
     feedback = "mmcds_card_feedback_total"
     assert moved(feedback, before, after, outcome="overridden") == 1
