@@ -119,7 +119,7 @@ def connect(settings: Settings, *, deploy_if_missing: bool = True) -> RemotePipe
     except Exception as exc:  # Ray says "not found" with a bare exception type
         if not deploy_if_missing:
             raise ConfigurationError(
-                f"no Ray Serve application {APP!r} on the cluster; run `mmcds models deploy`"
+                f"no Ray Serve application {APP!r} on the cluster; run `mmcds serve-models`"
             ) from exc
         log.info("deploying the models application %s on Ray", APP)
         deploy(settings)

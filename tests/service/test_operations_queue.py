@@ -24,7 +24,9 @@ import pytest
 from fastapi.testclient import TestClient
 from joserfc.jwk import ECKey
 from prometheus_client.parser import text_string_to_metric_families
+from typer.testing import CliRunner
 
+from mmcds.cli import app as cli
 from mmcds.dev.servers import free_port
 from mmcds.findings import SYNTH_FINDINGS
 from mmcds.fusion.pipeline import Pipeline
@@ -32,7 +34,7 @@ from mmcds.service.analysis import AnalysisService
 from mmcds.service.api import create_app
 from mmcds.service.auth import sign_hook_jwt
 from mmcds.service.queue import QUEUE, TASK, WorkQueue
-from mmcds.settings import Settings
+from mmcds.settings import Settings, get_settings
 
 SERVICE = "mmcds-patient-view"
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -336,3 +338,17 @@ def test_a_job_of_a_killed_worker_is_queued_again_and_done(
     WorkQueue(settings, handler=service.run_job).run_worker(burst=True)
     assert _job_status(postgres_url, queue_schema) == ["succeeded"]
     assert service.analyses.get_answer(fhir_url, ids[0]) is not None  # hooks can answer now
+
+
+def test_worker_without_a_queue_says_so_and_exits_1(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MMCDS_DATABASE_URL", f"sqlite:///{tmp_path / 'solo.db'}")
+    monkeypatch.delenv("MMCDS_QUEUE_URL", raising=False)
+    get_settings.cache_clear()
+    try:
+        done = CliRunner().invoke(cli, ["worker"])
+    finally:
+        get_settings.cache_clear()
+    assert done.exit_code == 1
+    assert "no work queue: set MMCDS_QUEUE_URL" in done.output
