@@ -7,7 +7,8 @@ hooks that found no current answer. Per patient, a *queueing lock* keeps at most
 (ten notifications for one patient's new labs make one analysis), and a *lock* runs one at a
 time. Jobs survive restarts of service and workers (they are rows in PostgreSQL); a failed job
 is retried with exponential backoff; a job left running by a worker that died is queued again
-(``retry_stalled_jobs``).
+(``retry_stalled_jobs``, every minute), and succeeded jobs are deleted after a week
+(``remove_old_jobs``, daily).
 
 The queue tables live in their own schema (``MMCDS_QUEUE_SCHEMA``, default ``mmcds_queue``),
 selected per connection through ``search_path``, so they never mix with the service's tables.
@@ -39,6 +40,8 @@ TASK = "mmcds.analyse_patient"
 MAINTENANCE = "mmcds-maintenance"  # its own queue: not counted as analyses waiting
 RETRY_STALLED = "mmcds.retry_stalled_jobs"
 STALLED_AFTER_S = 60.0  # six missed heartbeats (procrastinate beats every 10 s)
+REMOVE_OLD = "mmcds.remove_old_jobs"
+KEEP_FINISHED_H = 7 * 24
 Handler = Callable[[str, str], object]  # (fhir server, patient id): analyse and store
 
 
@@ -124,6 +127,15 @@ class WorkQueue:
         )
         async def retry_stalled_jobs(timestamp: int) -> None:
             await self.retry_stalled(STALLED_AFTER_S)
+
+        # Finished jobs are rows too (the sweep alone adds 1,440 a day): succeeded ones go
+        # after a week; failed ones stay for an operator to look at.
+        @self.app.periodic(cron="17 4 * * *", periodic_id="remove-old-jobs")
+        @self.app.task(
+            name=REMOVE_OLD, queue=MAINTENANCE, queueing_lock=REMOVE_OLD, pass_context=False
+        )
+        async def remove_old_jobs(timestamp: int) -> None:
+            await self.app.job_manager.delete_old_jobs(nb_hours=KEEP_FINISHED_H)
 
     def _deferrer(self, fhir_server: str, patient_id: str) -> Any:
         key = f"{fhir_server}|{patient_id}"
