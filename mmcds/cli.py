@@ -185,15 +185,28 @@ def score(
 
 
 @app.command("serve-models")
-def serve_models() -> None:
+def serve_models(
+    health_port: Annotated[
+        int | None,
+        typer.Option(
+            min=1, max=65535, help="Serve /healthz, /readyz (models RUNNING), /metrics on it"
+        ),
+    ] = None,
+) -> None:
     """Deploy the models as Ray Serve deployments on MMCDS_RAY_ADDRESS and keep them up."""
     import contextlib
     import signal
     import threading
 
-    from mmcds.serving.remote import deploy
+    from mmcds.service.health import probe_app, start_probes
+    from mmcds.serving.remote import deploy, models_status
 
-    deploy(get_settings())
+    s = get_settings()
+    deploy(s)  # joins Ray first: the probes' status calls must not start a Ray of their own
+    if health_port:
+        start_probes(
+            probe_app({"models": models_status}, "mmcds models probes"), s.host, health_port
+        )
     typer.echo("models deployed on Ray Serve (application mmcds-models); Ctrl-C to stop")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -1,7 +1,7 @@
 """Operating the service: health and readiness probes, ``/metrics``, request ids, hook timing.
 
-``install_operations(app, services)`` is all ``create_app`` calls (``probe_app`` is the same
-probes and metrics for a queue worker). It adds
+``install_operations(app, services)`` is all ``create_app`` calls (``probe_app`` serves the
+probes and metrics alone, for queue workers and the Ray models head). It adds
 
 - ``GET /healthz``: the process answers (liveness: restart it when this fails);
 - ``GET /readyz``: it can do its job now (readiness: send it traffic only when this is 200):
@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Collection
 
 import httpx
+import uvicorn
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
@@ -219,11 +220,31 @@ def install_operations(app: FastAPI, services: Collection[str]) -> None:
     app.include_router(router)
 
 
-def probe_app(service: AnalysisService, settings: Settings) -> FastAPI:
-    """``/healthz``, ``/readyz`` and ``/metrics`` alone, for a process that serves no hooks (a
-    queue worker): the same checks and metrics as the service's."""
-    app = FastAPI(title="mmcds worker probes", openapi_url=None, docs_url=None, redoc_url=None)
-    app.state.readiness_checks = readiness_checks(service, settings)
-    _read_at_scrape(service)
+def probe_app(checks: dict[str, Check], title: str) -> FastAPI:
+    """``/healthz``, ``/readyz`` (on ``checks``) and ``/metrics`` alone, for a process that
+    serves no hooks (a queue worker, the Ray models head)."""
+    app = FastAPI(title=title, openapi_url=None, docs_url=None, redoc_url=None)
+    app.state.readiness_checks = checks
     app.include_router(router)
     return app
+
+
+def worker_probe_app(service: AnalysisService, settings: Settings) -> FastAPI:
+    """A queue worker's probes: the service's checks and metrics."""
+    _read_at_scrape(service)
+    return probe_app(readiness_checks(service, settings), "mmcds worker probes")
+
+
+def start_probes(app: FastAPI, host: str, port: int) -> uvicorn.Server:
+    """Serve ``app`` from a side thread (so it installs no signal handlers: the main thread's
+    own loop keeps them); set ``should_exit`` on the result to stop it."""
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_config=None,  # through the JSON handler like everything else
+        access_log=False,  # probes every few seconds are noise
+    )
+    server = uvicorn.Server(config)
+    threading.Thread(target=server.run, name="mmcds-probes", daemon=True).start()
+    return server

@@ -12,29 +12,13 @@ retried by the next worker; see ``WorkQueue.run_worker``).
 from __future__ import annotations
 
 import logging
-import threading
-
-import uvicorn
 
 from mmcds.service.analysis import AnalysisService
-from mmcds.service.health import probe_app
+from mmcds.service.health import start_probes, worker_probe_app
 from mmcds.service.queue import QueueUnavailable
 from mmcds.settings import Settings
 
 log = logging.getLogger(__name__)
-
-
-def _start_probes(service: AnalysisService, settings: Settings, port: int) -> uvicorn.Server:
-    config = uvicorn.Config(
-        probe_app(service, settings),
-        host=settings.host,
-        port=port,
-        log_config=None,  # through the JSON handler like everything else
-        access_log=False,  # probes every few seconds are noise
-    )
-    server = uvicorn.Server(config)  # off the main thread: it installs no signal handlers
-    threading.Thread(target=server.run, name="mmcds-worker-probes", daemon=True).start()
-    return server
 
 
 def run_worker(
@@ -43,7 +27,9 @@ def run_worker(
     service = AnalysisService(settings)
     if service.queue is None:
         raise QueueUnavailable("no work queue: set MMCDS_QUEUE_URL to a PostgreSQL URL")
-    probes = _start_probes(service, settings, health_port) if health_port else None
+    probes = None
+    if health_port:
+        probes = start_probes(worker_probe_app(service, settings), settings.host, health_port)
     log.info("worker started (concurrency %d, probes on port %s)", concurrency, health_port)
     try:
         service.queue.run_worker(

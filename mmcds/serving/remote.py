@@ -112,6 +112,17 @@ def deploy(settings: Settings) -> None:
     serve.run(build_app(settings, gpus=gpus), name=APP, route_prefix=None)
 
 
+def models_status() -> str | None:
+    """Readiness of the models on the Ray cluster this process joined: None when the
+    application is RUNNING, else why not (deploying, unhealthy, not deployed)."""
+    app = serve.status().applications.get(APP)
+    if app is None:
+        return "models not deployed on Ray Serve"
+    if app.status == "RUNNING":
+        return None
+    return f"Ray Serve application {getattr(app.status, 'value', app.status)}"
+
+
 def connect(settings: Settings, *, deploy_if_missing: bool = True) -> RemotePipeline:
     init_ray(settings)
     try:

@@ -187,7 +187,9 @@ def test_gpu_overlay_puts_the_model_workers_on_gpu_nodes() -> None:
     assert workers["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     (container,) = workers["containers"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
-    assert "mmcds serve-models" in " ".join(container["args"])
+    assert "mmcds serve-models --health-port 8082" in " ".join(container["args"])
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "probes"}
+    assert {"name": "probes", "containerPort": 8082} in container["ports"]
     config = next(iter(_by_kind(docs, "ConfigMap").values()))["data"]
     assert config["MMCDS_MODEL_BACKEND"] == "ray"  # the service and its queue workers alike
     queue_worker = _by_kind(docs, "Deployment")["mmcds-worker"]["spec"]["template"]["spec"]
