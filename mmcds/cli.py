@@ -185,15 +185,28 @@ def score(
 
 
 @app.command("serve-models")
-def serve_models() -> None:
+def serve_models(
+    health_port: Annotated[
+        int | None,
+        typer.Option(
+            min=1, max=65535, help="Serve /healthz, /readyz (models RUNNING), /metrics on it"
+        ),
+    ] = None,
+) -> None:
     """Deploy the models as Ray Serve deployments on MMCDS_RAY_ADDRESS and keep them up."""
     import contextlib
     import signal
     import threading
 
-    from mmcds.serving.remote import deploy
+    from mmcds.service.health import probe_app, start_probes
+    from mmcds.serving.remote import deploy, models_status
 
-    deploy(get_settings())
+    s = get_settings()
+    deploy(s)  # joins Ray first: the probes' status calls must not start a Ray of their own
+    if health_port:
+        start_probes(
+            probe_app({"models": models_status}, "mmcds models probes"), s.host, health_port
+        )
     typer.echo("models deployed on Ray Serve (application mmcds-models); Ctrl-C to stop")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -294,15 +307,23 @@ def ingest(
 def worker(
     concurrency: Annotated[int, typer.Option(min=1, help="Jobs at once in this process")] = 1,
     burst: Annotated[bool, typer.Option(help="Exit when the queue is empty")] = False,
+    health_port: Annotated[
+        int | None,
+        typer.Option(min=1, max=65535, help="Serve /healthz, /readyz, /metrics on this port"),
+    ] = None,
 ) -> None:
     """Run queued analyses (ingest, FHIR notifications, hooks that found no current answer)."""
-    from mmcds.service.analysis import AnalysisService
+    from mmcds.service.logs import configure_logging
+    from mmcds.service.queue import QueueUnavailable
+    from mmcds.service.worker import run_worker
 
     s = get_settings()
-    service = AnalysisService(s)
-    if service.queue is None:
-        raise typer.BadParameter("no work queue: set MMCDS_QUEUE_URL to a PostgreSQL URL")
-    service.queue.run_worker(concurrency=concurrency, burst=burst)
+    configure_logging(s.log_level, s.log_format)
+    try:
+        run_worker(s, concurrency=concurrency, burst=burst, health_port=health_port)
+    except QueueUnavailable as exc:  # no queue configured, or its PostgreSQL is down
+        typer.echo(f"mmcds worker: {exc}", err=True)
+        raise typer.Exit(1) from exc
 
 
 @app.command()

@@ -12,11 +12,14 @@ a URL or anything else a request chooses.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.core import REGISTRY, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+log = logging.getLogger(__name__)
 
 # CDS Hooks asks for answers "on the order of 500 ms": buckets resolve well below and above it.
 HOOK_SECONDS = Histogram(
@@ -53,42 +56,57 @@ CARD_FEEDBACK = Counter(
     "CDS Hooks feedback received on cards, by outcome.",
     ["outcome"],
 )
-QUEUE_DEPTH = Gauge(
-    "mmcds_queue_depth",
-    "Jobs waiting in the background queue, per queue (set by the queue's owner).",
-    ["queue"],
-)
-
 OUTBOX_STATES = ("pending", "delivered", "rejected", "dead")
 
 
-class _StateCounts(Collector):
-    """``mmcds_outbox_reports_by_state{state}``: read from the outbox table at scrape time, so
-    the figure is the durable truth across restarts and workers, not what this process
-    happened to see."""
+class _ReadAtScrape(Collector):
+    """A gauge family read from the database at scrape time (``source`` gives label value ->
+    count), so the figure is the durable truth across restarts and every worker, not what this
+    process happened to see. ``always`` are label values shown even at 0 (a rate or an alert on
+    a series that never appeared would not fire)."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: str, documentation: str, label: str, always: tuple[str, ...]):
+        self.name, self.documentation, self.label, self.always = name, documentation, label, always
         self.source: Callable[[], dict[str, int]] | None = None
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        family = GaugeMetricFamily(
-            "mmcds_outbox_reports_by_state",
-            "Report bundles in the write-back outbox, by state.",
-            labels=["state"],
-        )
-        counts = self.source() if self.source is not None else {}
-        for state in sorted(set(OUTBOX_STATES) | set(counts)):
-            family.add_metric([state], float(counts.get(state, 0)))
+        family = GaugeMetricFamily(self.name, self.documentation, labels=[self.label])
+        try:
+            counts = self.source() if self.source is not None else {}
+        except Exception as exc:  # a database that is down must not fail the whole scrape
+            log.warning("%s not read: %s", self.name, type(exc).__name__)
+            return  # the series goes absent: alert on absent(...); /readyz says why
+        for value in sorted(set(self.always) | set(counts)):
+            family.add_metric([value], float(counts.get(value, 0)))
         yield family
 
 
-OUTBOX_REPORTS = _StateCounts()
+OUTBOX_REPORTS = _ReadAtScrape(
+    "mmcds_outbox_reports_by_state",
+    "Report bundles in the write-back outbox, by state.",
+    "state",
+    OUTBOX_STATES,
+)
+#: Jobs waiting (procrastinate status ``todo``) per queue, counted in the queue's tables: a job
+#: deferred by any replica or ``mmcds ingest`` and not yet taken by any worker.
+QUEUE_DEPTH = _ReadAtScrape(
+    "mmcds_queue_depth",
+    "Jobs waiting in the background work queue, per queue.",
+    "queue",
+    (),
+)
 REGISTRY.register(OUTBOX_REPORTS)
+REGISTRY.register(QUEUE_DEPTH)
 
 
 def set_outbox_source(source: Callable[[], dict[str, int]] | None) -> None:
     """Where ``mmcds_outbox_reports_by_state`` reads its counts (the running app's outbox)."""
     OUTBOX_REPORTS.source = source
+
+
+def set_queue_source(source: Callable[[], dict[str, int]] | None) -> None:
+    """Where ``mmcds_queue_depth`` reads waiting jobs per queue (the running app's queue)."""
+    QUEUE_DEPTH.source = source
 
 
 def observe_cache(hits: int, misses: int) -> None:

@@ -33,6 +33,7 @@ from sqlalchemy import (
 )
 
 from mmcds.db import create_tables, insert_ignoring, make_engine
+from mmcds.metrics import observe_feedback
 from mmcds.service.group_commit import GroupCommit
 
 Outcome = Literal["accepted", "overridden"]
@@ -187,7 +188,12 @@ class FeedbackStore:
         with self.engine.begin() as conn:
             # RETURNING says whether this writer inserted (rowcount is not portable here)
             stmt = insert_ignoring(self.engine, self.feedback, keys).returning(self.feedback.c.id)
-            return conn.execute(stmt, row).first() is not None
+            new = conn.execute(stmt, row).first() is not None
+        # Counted here, where both the CDS Hooks endpoint and the review page store it, and only
+        # once stored: a replayed feedback (an EHR retrying) is one outcome, not two.
+        if new:
+            observe_feedback(feedback.outcome)
+        return new
 
     def list(
         self,

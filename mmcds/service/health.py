@@ -1,14 +1,17 @@
 """Operating the service: health and readiness probes, ``/metrics``, request ids, hook timing.
 
-``install_operations(app, services)`` is all ``create_app`` calls. It adds
+``install_operations(app, services)`` is all ``create_app`` calls (``probe_app`` serves the
+probes and metrics alone, for queue workers and the Ray models head). It adds
 
 - ``GET /healthz``: the process answers (liveness: restart it when this fails);
 - ``GET /readyz``: it can do its job now (readiness: send it traffic only when this is 200):
   the database answers, the models are loaded (the first probe starts loading them, so a
   replica never takes a hook before its models are in memory), the default FHIR server
-  answers, and every check another part registered with ``add_readiness_check`` (the queue)
-  passes. A failing check answers 503 naming the check and why, never a credential;
+  answers, the work queue answers (where there is one), and every check another part
+  registered with ``add_readiness_check`` passes. A failing check answers 503 naming the
+  check and why, never a credential;
 - ``GET /metrics``: the process's default Prometheus registry (``mmcds.metrics``);
+- gauges read from the database at scrape time: the outbox's states and the queue's depth;
 - a middleware that gives every request an id (the caller's ``X-Request-ID`` when it is a
   plain bounded token, else a fresh UUID), puts it on every log line of that request
   (``mmcds.service.logs``) and on the response, and times hooks per CDS service.
@@ -22,6 +25,7 @@ import time
 from collections.abc import Callable, Collection
 
 import httpx
+import uvicorn
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
@@ -33,10 +37,12 @@ from mmcds.metrics import (
     HOOK_SECONDS,
     HOOKS_IN_FLIGHT,
     set_outbox_source,
+    set_queue_source,
 )
 from mmcds.service.analysis import AnalysisService
 from mmcds.service.logs import new_request_id, request_id_var
 from mmcds.service.outbox import Outbox
+from mmcds.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -186,14 +192,59 @@ class OperationsMiddleware:
             request_id_var.reset(token)
 
 
-def install_operations(app: FastAPI, services: Collection[str]) -> None:
-    service: AnalysisService = app.state.analysis
-    settings = app.state.settings
-    app.state.readiness_checks = {
+def readiness_checks(service: AnalysisService, settings: Settings) -> dict[str, Check]:
+    """What ``/readyz`` checks, for the service and for queue workers alike: the database, the
+    models (loaded in the background from the first probe on), the default FHIR server, and the
+    work queue where there is one."""
+    checks: dict[str, Check] = {
         "database": _database(service),
         "models": _ModelWarmUp(service),
         "fhir": _fhir_server(settings.fhir_base_url, timeout_s=2.0),
     }
+    if service.queue is not None:
+        checks["queue"] = service.queue.check
+    return checks
+
+
+def _read_at_scrape(service: AnalysisService) -> None:
+    """The gauges read from the database at scrape time read this service's tables."""
     set_outbox_source(lambda: outbox_counts(service.outbox))
+    set_queue_source(service.queue.depth if service.queue is not None else None)
+
+
+def install_operations(app: FastAPI, services: Collection[str]) -> None:
+    service: AnalysisService = app.state.analysis
+    app.state.readiness_checks = readiness_checks(service, app.state.settings)
+    _read_at_scrape(service)
     app.add_middleware(OperationsMiddleware, services=list(services))
     app.include_router(router)
+
+
+def probe_app(checks: dict[str, Check], title: str) -> FastAPI:
+    """``/healthz``, ``/readyz`` (on ``checks``) and ``/metrics`` alone, for a process that
+    serves no hooks (a queue worker, the Ray models head)."""
+    app = FastAPI(title=title, openapi_url=None, docs_url=None, redoc_url=None)
+    app.state.readiness_checks = checks
+    app.include_router(router)
+    return app
+
+
+def worker_probe_app(service: AnalysisService, settings: Settings) -> FastAPI:
+    """A queue worker's probes: the service's checks and metrics."""
+    _read_at_scrape(service)
+    return probe_app(readiness_checks(service, settings), "mmcds worker probes")
+
+
+def start_probes(app: FastAPI, host: str, port: int) -> uvicorn.Server:
+    """Serve ``app`` from a side thread (so it installs no signal handlers: the main thread's
+    own loop keeps them); set ``should_exit`` on the result to stop it."""
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_config=None,  # through the JSON handler like everything else
+        access_log=False,  # probes every few seconds are noise
+    )
+    server = uvicorn.Server(config)
+    threading.Thread(target=server.run, name="mmcds-probes", daemon=True).start()
+    return server

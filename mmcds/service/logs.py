@@ -2,9 +2,11 @@
 
 The rule (DESIGN §6) is that no token and no PHI ever reaches a log. The code keeps it by what
 it logs (request ids, ``jti``, counts, never note text, names or identifiers); this module adds
-two nets under it: HTTP client loggers that print request URLs (which carry patient ids in FHIR
-searches) are held at WARNING, and anything shaped like a bearer token or a JWT is masked
-before a line is written. ``tests/service/test_logs.py`` runs a hook and scans what came out.
+three nets under it: HTTP client loggers that print request URLs (which carry patient ids in
+FHIR searches) are held at WARNING, the work queue's job records lose their arguments (patient
+ids), and anything shaped like a bearer token or a JWT is masked before a line is written.
+``tests/service/test_operations.py`` runs a hook and scans what came out (and
+``test_operations_queue.py`` the queued path).
 """
 
 from __future__ import annotations
@@ -42,6 +44,31 @@ _STANDARD = set(vars(logging.makeLogRecord({}))) | {
     "taskName",
     "color_message",
 }
+
+
+# procrastinate logs each job as ``task[id](fhir_server='…', patient_id='…')`` and puts the
+# job (its arguments and its lock, both naming the patient) in the record's extras.
+_JOB_CALL = re.compile(r"\b([\w.]+\[\d+\])\([^()]*\)")
+_JOB_FIELDS = ("id", "status", "task_name", "queue", "queue_name", "attempts", "scheduled_at")
+
+
+def _job_without_arguments(job: Any) -> Any:
+    return {k: v for k, v in job.items() if k in _JOB_FIELDS} if isinstance(job, dict) else None
+
+
+class JobArguments(logging.Filter):
+    """Cuts queue jobs down to task, id and state on procrastinate's log records: its job
+    arguments are patient ids, and a patient id is an identifier (PHI)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("procrastinate"):
+            record.msg, record.args = _JOB_CALL.sub(r"\1", record.getMessage()), None
+            extras = vars(record)  # procrastinate's ``extra=`` fields
+            if "job" in extras:
+                extras["job"] = _job_without_arguments(extras["job"])
+            if isinstance(extras.get("jobs"), list):
+                extras["jobs"] = [_job_without_arguments(j) for j in extras["jobs"]]
+        return True
 
 
 def new_request_id(offered: str | None = None) -> str:
@@ -95,6 +122,7 @@ def configure_logging(
     that handler (tests read what it wrote)."""
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(JobArguments())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -6,7 +6,9 @@ are deferred by ``mmcds ingest``, by FHIR Subscription notifications (``/fhir-no
 hooks that found no current answer. Per patient, a *queueing lock* keeps at most one job waiting
 (ten notifications for one patient's new labs make one analysis), and a *lock* runs one at a
 time. Jobs survive restarts of service and workers (they are rows in PostgreSQL); a failed job
-is retried with exponential backoff.
+is retried with exponential backoff; a job left running by a worker that died is queued again
+(``retry_stalled_jobs``, every minute), and succeeded jobs are deleted after a week
+(``remove_old_jobs``, daily).
 
 The queue tables live in their own schema (``MMCDS_QUEUE_SCHEMA``, default ``mmcds_queue``),
 selected per connection through ``search_path``, so they never mix with the service's tables.
@@ -35,6 +37,11 @@ log = logging.getLogger(__name__)
 
 QUEUE = "mmcds"
 TASK = "mmcds.analyse_patient"
+MAINTENANCE = "mmcds-maintenance"  # its own queue: not counted as analyses waiting
+RETRY_STALLED = "mmcds.retry_stalled_jobs"
+STALLED_AFTER_S = 60.0  # six missed heartbeats (procrastinate beats every 10 s)
+REMOVE_OLD = "mmcds.remove_old_jobs"
+KEEP_FINISHED_H = 7 * 24
 Handler = Callable[[str, str], object]  # (fhir server, patient id): analyse and store
 
 
@@ -112,6 +119,24 @@ class WorkQueue:
 
         self.task = analyse_patient
 
+        # A worker killed mid-job (SIGKILL after its grace, OOM, a lost node) leaves the job
+        # "doing" for ever; once that worker's heartbeat is stale, any worker hands it back.
+        @self.app.periodic(cron="* * * * *", periodic_id="retry-stalled")
+        @self.app.task(
+            name=RETRY_STALLED, queue=MAINTENANCE, queueing_lock=RETRY_STALLED, pass_context=False
+        )
+        async def retry_stalled_jobs(timestamp: int) -> None:
+            await self.retry_stalled(STALLED_AFTER_S)
+
+        # Finished jobs are rows too (the sweep alone adds 1,440 a day): succeeded ones go
+        # after a week; failed ones stay for an operator to look at.
+        @self.app.periodic(cron="17 4 * * *", periodic_id="remove-old-jobs")
+        @self.app.task(
+            name=REMOVE_OLD, queue=MAINTENANCE, queueing_lock=REMOVE_OLD, pass_context=False
+        )
+        async def remove_old_jobs(timestamp: int) -> None:
+            await self.app.job_manager.delete_old_jobs(nb_hours=KEEP_FINISHED_H)
+
     def _deferrer(self, fhir_server: str, patient_id: str) -> Any:
         key = f"{fhir_server}|{patient_id}"
         return self.task.configure(queueing_lock=key, lock=key)
@@ -135,6 +160,21 @@ class WorkQueue:
             return False
         return True
 
+    async def retry_stalled(self, seconds_since_heartbeat: float) -> int:
+        """Queue again the analyses left "doing" by workers silent for that long (or gone);
+        how many. Procrastinate's workers beat every 10 s, so less than that would take jobs
+        from live workers."""
+        manager = self.app.job_manager
+        stalled = await manager.get_stalled_jobs(
+            task_name=TASK, seconds_since_heartbeat=seconds_since_heartbeat
+        )
+        count = 0
+        for job in stalled:
+            log.warning("job %s of a stopped worker is queued again", job.id)
+            await manager.retry_job(job)
+            count += 1
+        return count
+
     def open(self) -> WorkQueue:
         self.app.open()
         return self
@@ -148,18 +188,26 @@ class WorkQueue:
     async def close_async(self) -> None:
         await self.app.close_async()
 
-    def run_worker(self, *, concurrency: int = 1, burst: bool = False) -> None:
-        """Run jobs until stopped (or, ``burst``, until the queue is empty)."""
+    def run_worker(
+        self, *, concurrency: int = 1, burst: bool = False, grace_s: float | None = None
+    ) -> None:
+        """Run jobs until stopped (or, ``burst``, until the queue is empty). On SIGTERM or
+        SIGINT no new job starts and running ones get ``grace_s`` (None: all the time they
+        need) to finish."""
         self.app.run_worker(
-            queues=[QUEUE],
+            queues=[QUEUE, MAINTENANCE],
             concurrency=concurrency,
             wait=not burst,
             install_signal_handlers=not burst,
+            shutdown_graceful_timeout=grace_s,
         )
 
     async def run_worker_async(self, *, concurrency: int = 1, burst: bool = False) -> None:
         await self.app.run_worker_async(
-            queues=[QUEUE], concurrency=concurrency, wait=not burst, install_signal_handlers=False
+            queues=[QUEUE, MAINTENANCE],
+            concurrency=concurrency,
+            wait=not burst,
+            install_signal_handlers=False,
         )
 
     def counts(self) -> dict[str, int]:
@@ -171,3 +219,22 @@ class WorkQueue:
                 (TASK,),
             ).fetchall()
         return {status: int(n) for status, n in rows}
+
+    def depth(self) -> dict[str, int]:
+        """Jobs waiting (``todo``) per queue, ours shown at 0 too: ``mmcds_queue_depth``. Read
+        from the queue's table at scrape time, so every replica reports the same truth."""
+        with psycopg.connect(self.conninfo, connect_timeout=3) as conn:
+            rows = conn.execute(
+                f'SELECT queue_name, count(*) FROM "{self.schema}".procrastinate_jobs '
+                "WHERE status = 'todo' GROUP BY queue_name"
+            ).fetchall()
+        return {QUEUE: 0} | {str(queue): int(n) for queue, n in rows}
+
+    def check(self) -> str | None:
+        """Readiness: the queue's database answers and its tables are there (no secret in the
+        reason)."""
+        try:
+            self.depth()
+        except psycopg.Error as exc:
+            return f"queue unreachable ({type(exc).__name__})"
+        return None

@@ -112,6 +112,17 @@ def deploy(settings: Settings) -> None:
     serve.run(build_app(settings, gpus=gpus), name=APP, route_prefix=None)
 
 
+def models_status() -> str | None:
+    """Readiness of the models on the Ray cluster this process joined: None when the
+    application is RUNNING, else why not (deploying, unhealthy, not deployed)."""
+    app = serve.status().applications.get(APP)
+    if app is None:
+        return "models not deployed on Ray Serve"
+    if app.status == "RUNNING":
+        return None
+    return f"Ray Serve application {getattr(app.status, 'value', app.status)}"
+
+
 def connect(settings: Settings, *, deploy_if_missing: bool = True) -> RemotePipeline:
     init_ray(settings)
     try:
@@ -119,7 +130,7 @@ def connect(settings: Settings, *, deploy_if_missing: bool = True) -> RemotePipe
     except Exception as exc:  # Ray says "not found" with a bare exception type
         if not deploy_if_missing:
             raise ConfigurationError(
-                f"no Ray Serve application {APP!r} on the cluster; run `mmcds models deploy`"
+                f"no Ray Serve application {APP!r} on the cluster; run `mmcds serve-models`"
             ) from exc
         log.info("deploying the models application %s on Ray", APP)
         deploy(settings)

@@ -3,7 +3,9 @@ signs JWTs and calls the service (hooks and feedback) on a real FHIR sandbox and
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +22,7 @@ from mmcds.fhir.load import load_folder
 from mmcds.fusion.pipeline import Pipeline
 from mmcds.service.api import create_app
 from mmcds.service.auth import sign_hook_jwt
+from mmcds.service.logs import configure_logging
 from mmcds.settings import Settings
 from mmcds.synth import generate_cohort
 
@@ -131,3 +134,22 @@ def load_cohort(cohort: Path, fhir_url: str, dicomweb: Any) -> Callable[[Path | 
             return [p["id"] for p in fhir.search("Patient", {"_count": "50"})]
 
     return load
+
+
+@pytest.fixture
+def captured_logs() -> Iterator[io.StringIO]:
+    """Everything the service logs, as production writes it (JSON, INFO; mmcds at DEBUG)."""
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    stream = io.StringIO()
+    configure_logging("INFO", "json", stream=stream)
+    logging.getLogger("mmcds").setLevel(logging.DEBUG)
+    try:
+        yield stream
+    finally:
+        logging.getLogger("mmcds").setLevel(logging.NOTSET)
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        for handler in saved[0]:
+            root.addHandler(handler)
+        root.setLevel(saved[1])

@@ -6,11 +6,9 @@ from __future__ import annotations
 import base64
 import io
 import json
-import logging
 import secrets
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +29,6 @@ from mmcds.fusion.pipeline import Pipeline
 from mmcds.service.api import create_app
 from mmcds.service.auth import sign_hook_jwt
 from mmcds.service.health import add_readiness_check
-from mmcds.service.logs import configure_logging
 from mmcds.settings import Settings
 from mmcds.synth import generate_cohort
 
@@ -222,25 +219,6 @@ def test_readyz_loads_the_models_and_checks_the_fhir_server(
         assert down.json()["checks"]["fhir"].startswith("FHIR server unreachable")
         assert down.json()["checks"]["models"] == "ok"
         assert client.get("/healthz").status_code == 200  # alive, just not ready
-
-
-@pytest.fixture
-def captured_logs() -> Iterator[io.StringIO]:
-    """Everything the service logs, as production writes it (JSON, INFO; mmcds at DEBUG)."""
-    root = logging.getLogger()
-    saved = (list(root.handlers), root.level)
-    stream = io.StringIO()
-    configure_logging("INFO", "json", stream=stream)
-    logging.getLogger("mmcds").setLevel(logging.DEBUG)
-    try:
-        yield stream
-    finally:
-        logging.getLogger("mmcds").setLevel(logging.NOTSET)
-        for handler in list(root.handlers):
-            root.removeHandler(handler)
-        for handler in saved[0]:
-            root.addHandler(handler)
-        root.setLevel(saved[1])
 
 
 def _phi(patient: dict[str, Any], fhir_url: str) -> list[str]:

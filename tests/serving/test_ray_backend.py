@@ -19,12 +19,13 @@ from mmcds.fusion.pipeline import Pipeline
 from mmcds.service.analysis import AnalysisService
 from mmcds.service.api import create_app
 from mmcds.service.auth import sign_hook_jwt
+from mmcds.service.health import probe_app
 from mmcds.settings import Settings
 from mmcds.synth import generate_cohort
 from mmcds.training.score import score_cohort
 
 ray = pytest.importorskip("ray")  # the optional extra: mmcds[ray]
-from mmcds.serving.remote import RemotePipeline, deploy  # noqa: E402
+from mmcds.serving.remote import APP, RemotePipeline, deploy, models_status  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 ISSUER = "https://ehr.ray-test.mmcds.local"
@@ -156,3 +157,19 @@ def test_cohort_scored_with_ray_data_equals_local_scores(
             fb = b["findings"][finding]
             assert (fa["status"], fa["level"]) == (fb["status"], fb["level"])
             assert fa["probability"] == pytest.approx(fb["probability"], abs=1e-5)
+
+
+def test_models_probe_is_ready_only_while_the_application_runs(ray_models: Settings) -> None:
+    """`mmcds serve-models --health-port`'s /readyz (the Ray models pod's readiness): ready while
+    the application runs, 503 naming why once it is gone. Last in the module: it deletes the
+    application."""
+    from ray import serve
+
+    client = TestClient(probe_app({"models": models_status}, "models probes"))
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["checks"] == {"models": "ok"}
+    serve.delete(APP)
+    gone = client.get("/readyz")
+    assert gone.status_code == 503
+    assert gone.json()["checks"]["models"] == "models not deployed on Ray Serve"
