@@ -54,11 +54,35 @@ def _validation(config: FusionConfig) -> str:
     )
 
 
+def _balance(training: dict[str, Any]) -> str:
+    """Positives per split, and the warning for findings with few of them."""
+    counts = training.get("positives")
+    if not counts:
+        return "Not recorded for this model."
+    rows = "\n".join(
+        f"| {f} | {n} | {counts.get('val', {}).get(f, 'n/a')} |"
+        for f, n in counts.get("train", {}).items()
+    )
+    few = training.get("few_positives", {})
+    warnings = "".join(f"\n- **Warning, {f}**: {text}." for f, text in few.items())
+    return f"| finding | training positives | validation positives |\n|---|---|---|\n{rows}\n" + (
+        warnings or "\nEvery finding had at least 30 positive patients in training."
+    )
+
+
 def model_card(config: FusionConfig, val_metrics: dict[str, Any]) -> str:
     t = config.training
     all_ = val_metrics.get("subsets", {}).get("image+text+labs", {})
+    # the bootstrap CI of the validation AUROC on every input the model has (validation.py)
+    full = config.subsets.get("+".join(sorted(config.modalities)), {}).get("findings", {})
+
+    def _ci(f: str) -> str:
+        ci = full.get(f, {}).get("auroc_ci")
+        return f"{ci[0]:.2f}–{ci[1]:.2f}" if ci else "n/a"
+
     rows = "\n".join(
-        f"| {f} | {_fmt(m.get('auroc'))} | {_fmt(m.get('auprc'))} | {_fmt(m.get('ece'))} | "
+        f"| {f} | {m.get('positives', 'n/a')} | {_fmt(m.get('auroc'))} | {_ci(f)} | "
+        f"{_fmt(m.get('auprc'))} | {_fmt(m.get('ece'))} | "
         f"{_fmt(config.warning_threshold.get(f))} | {_fmt(config.critical_threshold.get(f))} |"
         for f, m in all_.items()
     )
@@ -97,6 +121,9 @@ Trained on `{t.get("data", "n/a")}` (cohort {json.dumps(t.get("cohort", {}))}), 
 stratified by site, seed {t.get("seed")}: {sizes}. The test split took no part in training,
 early stopping or calibration.
 
+## Class balance
+{_balance(t)}
+
 ## Calibration and operating points
 {config.calibration.get("method", "none")} scaling per finding on the validation split, with a
 per-site calibrator where the site had enough patients ({site_cal}).
@@ -113,8 +140,8 @@ is not validated for the inputs a patient brings is shown as not assessed and ne
 {_validation(config)}
 
 ## Metrics (validation split, all modalities)
-| finding | AUROC | AUPRC | ECE | warning | critical |
-|---|---|---|---|---|---|
+| finding | positives | AUROC | 95% CI (bootstrap) | AUPRC | ECE | warning | critical |
+|---|---|---|---|---|---|---|---|
 {rows}
 
 Test-split metrics with confidence intervals, per modality subset, site and subgroup come from
