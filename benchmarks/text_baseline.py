@@ -7,7 +7,8 @@ Writes a synthetic cohort (``mmcds synth``), keeps its notes only
 (``mmcds.synth.subset.keep_modalities``), trains a model on it (``mmcds train``'s defaults: the
 image steps are skipped, there are no images) and runs ``mmcds evaluate --baseline tfidf`` on its
 test split: TF-IDF + logistic regression fitted on the model's training split, scored on the same
-test patients, paired bootstrap. Prints one JSON object; nothing is asserted. An existing cohort
+test patients, paired bootstrap. Prints one JSON object (training's log goes to stderr); nothing
+is asserted. An existing cohort
 or model under ``--work`` is reused (delete the folder to start over).
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -46,7 +48,8 @@ def main() -> None:
         timings["synth_s"] = time.perf_counter() - t
     if not (model / "config.json").is_file():
         t = time.perf_counter()
-        train_cohort(data, model, settings, TrainOptions(seed=args.train_seed, progress=False))
+        options = TrainOptions(seed=args.train_seed, progress=False)
+        train_cohort(data, model, settings, options, echo=lambda s: print(s, file=sys.stderr))
         timings["train_s"] = time.perf_counter() - t
     t = time.perf_counter()
     metrics = evaluate_cohort(
