@@ -25,6 +25,21 @@ def _localisation(training: dict[str, Any]) -> str:
     )
 
 
+def _image_encoders(config: FusionConfig) -> str:
+    t = config.training
+    if config.modalities and "image" not in config.modalities:
+        return (
+            "The training cohort had no radiographs: the image encoders were neither trained nor "
+            "used, and this model reads no images."
+        )
+    return (
+        "The image encoders (a tiny ResNet and a tiny ViT) were **fine-tuned** as multi-label "
+        "classifiers of these findings on the training split's images only "
+        f"({t.get('image_encoders', 'n/a')}), then frozen; their checkpoints are the `cnn/` and "
+        f"`vit/` folders beside this card. {_localisation(t)}"
+    )
+
+
 def _validation(config: FusionConfig) -> str:
     """The per-subset validation table: which findings may alarm on which inputs, and why not."""
     rows = []
@@ -106,10 +121,7 @@ modality, logits from the mean and max of its tokens (architecture `{config.arch
 with masks for missing modalities and modality dropout ({config.modality_dropout}) in training,
 so any subset of modalities can be scored. One calibrated probability per finding.
 
-Encoders: the text encoder is frozen. The image encoders (a tiny ResNet and a tiny ViT) were
-**fine-tuned** as multi-label classifiers of these findings on the training split's images only
-({t.get("image_encoders", "n/a")}), then frozen; their checkpoints are the `cnn/` and `vit/`
-folders beside this card. {_localisation(t)} Encoder ids:
+Encoders: the text encoder is frozen. {_image_encoders(config)} Encoder ids:
 
 ```json
 {json.dumps(config.encoder_ids, indent=2)}

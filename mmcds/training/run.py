@@ -360,6 +360,10 @@ def evaluate_cohort(
         echo(line)
     metrics["data"]["folder"] = str(data)
     metrics["data"]["split"] = scored
+    few = model.config.training.get("few_positives", {})
+    metrics["warnings"] = {"few_positives": few}
+    for f in few:
+        echo(f"warning: {f}: {few[f]}")
     if baseline is not None:
         if baseline != text_baseline.NAME:
             raise ValueError(f"unknown baseline {baseline!r}: the one there is is 'tfidf'")

@@ -209,6 +209,7 @@ def test_uncertain_labels_keep_their_patients_and_few_positives_warn(full: Path)
         model_dir, data, data.parent / "eval-uncertain", _settings(data.parent),
         n_boot=50, progress=False, echo=lambda s: None,
     )  # fmt: skip
+    assert set(metrics["warnings"]["few_positives"]) == set(config.findings)
     scored = metrics["subsets"]["image+text+labs"]
     test = split["test"]
     assert scored["pneumonia"]["n"] == sum(label[k] >= 0 for k in test) < len(test)
