@@ -35,6 +35,11 @@ def main() -> None:
     parser.add_argument("--train-seed", type=int, default=0, help="split and training seed")
     parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument("--work", type=Path, default=Path("/tmp/text-baseline"))
+    parser.add_argument(
+        "--fresh", type=int, default=0,
+        help="also score every patient of a fresh notes-only cohort of this size (--fresh-seed)",
+    )  # fmt: skip
+    parser.add_argument("--fresh-seed", type=int, default=11)
     args = parser.parse_args()
 
     work: Path = args.work
@@ -58,6 +63,19 @@ def main() -> None:
     )  # fmt: skip
     timings["evaluate_s"] = time.perf_counter() - t
     config = json.loads((model / "config.json").read_text())
+    fresh: dict[str, Any] = {}
+    if args.fresh:  # nothing was fitted or chosen on these patients: every one is scored
+        t = time.perf_counter()
+        other = work / f"fresh-{args.fresh_seed}"
+        if not (other / "labels.csv").is_file():
+            generate_cohort(other, patients=args.fresh, seed=args.fresh_seed)
+            keep_modalities(other, ("text",))
+        scored = evaluate_cohort(
+            model, other, work / f"eval-{args.train_seed}-fresh", settings,
+            n_boot=args.bootstrap, baseline="tfidf", progress=False, echo=lambda s: None,
+        )  # fmt: skip
+        fresh = {"patients": args.fresh, "seed": args.fresh_seed, **_rows(scored)}
+        timings["fresh_s"] = time.perf_counter() - t
     result: dict[str, Any] = {
         "cohort": {"patients": args.patients, "seed": args.seed, "modalities": ["text"]},
         "model": config["version"],
@@ -87,6 +105,16 @@ def main() -> None:
         "load_average": [round(x, 2) for x in os.getloadavg()],
     }
     print(json.dumps(result, indent=1))
+
+
+def _rows(metrics: dict[str, Any]) -> dict[str, Any]:
+    keys = (
+        "n", "positives", "train_positives", "model_auroc", "model_auroc_ci", "baseline_auroc",
+        "baseline_auroc_ci", "model_minus_baseline", "model_minus_baseline_ci", "model_verdict",
+        "C",
+    )  # fmt: skip
+    rows = metrics["baseline"]["findings"]
+    return {"findings": {f: {k: row.get(k) for k in keys} for f, row in rows.items()}}
 
 
 if __name__ == "__main__":
