@@ -82,25 +82,8 @@ def main() -> None:
         "split": {k: len(v) for k, v in config["training"]["split"].items()},
         "evaluated": metrics["data"]["split"],
         "baseline": metrics["baseline"]["method"],
-        "findings": {
-            f: {
-                k: row.get(k)
-                for k in (
-                    "n",
-                    "positives",
-                    "train_positives",
-                    "model_auroc",
-                    "model_auroc_ci",
-                    "baseline_auroc",
-                    "baseline_auroc_ci",
-                    "model_minus_baseline",
-                    "model_minus_baseline_ci",
-                    "model_verdict",
-                    "C",
-                )
-            }  # fmt: skip
-            for f, row in metrics["baseline"]["findings"].items()
-        },
+        **_rows(metrics),
+        "fresh_cohort": fresh,
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
         "load_average": [round(x, 2) for x in os.getloadavg()],
     }
