@@ -19,6 +19,8 @@ from typing import Any, Literal
 import numpy as np
 from scipy.optimize import minimize
 
+from mmcds.fusion.metrics import known
+
 Method = Literal["temperature", "platt"]
 #: How a site gets its own calibrator. ``bias_cv``: the global scale with the site's own bias,
 #: kept only where cross-validation within the site's validation patients says it helps (a model
@@ -45,8 +47,10 @@ def _nll(params: np.ndarray, z: np.ndarray, y: np.ndarray, method: Method) -> fl
 def fit_one(
     logits: np.ndarray, labels: np.ndarray, method: Method = "platt"
 ) -> tuple[float, float]:
-    """(scale, bias) minimising the log loss of one finding; identity if a class is absent."""
-    z, y = np.asarray(logits, float), np.asarray(labels, float)
+    """(scale, bias) minimising the log loss of one finding; identity if a class is absent.
+    Patients whose label is unknown (below 0) are left out."""
+    y, z = known(labels, logits)
+    z, y = np.asarray(z, float), np.asarray(y, float)
     if len(z) == 0 or y.min() == y.max():
         return 1.0, 0.0
     start = np.array([1.0, 0.0]) if method == "platt" else np.array([1.0])
@@ -59,7 +63,8 @@ def fit_one(
 
 def fit_bias(logits: np.ndarray, labels: np.ndarray, scale: float) -> tuple[float, float]:
     """(scale, bias) with ``scale`` fixed and the bias minimising the log loss."""
-    z, y = np.asarray(logits, float), np.asarray(labels, float)
+    y, z = known(labels, logits)
+    z, y = np.asarray(z, float), np.asarray(y, float)
     if len(z) == 0 or y.min() == y.max():
         return scale, 0.0
 
@@ -184,13 +189,14 @@ def fit_site_calibrators(
             continue
         fitted = {}
         for j, f in enumerate(findings):
-            pos = int(y[rows, j].sum())
-            if min(pos, int(rows.sum()) - pos) < MIN_CLASS_COUNT:
+            yj, zj = known(y[rows, j], z[rows, j])
+            pos = int(yj.sum())
+            if min(pos, len(yj) - pos) < MIN_CLASS_COUNT:
                 continue
             if site_rule == "platt":
-                fitted[f] = fit_one(z[rows, j], y[rows, j], method)
-            elif _site_helps(z[rows, j], y[rows, j], global_[f]):
-                fitted[f] = fit_bias(z[rows, j], y[rows, j], global_[f][0])
+                fitted[f] = fit_one(zj, yj, method)
+            elif _site_helps(zj, yj, global_[f]):
+                fitted[f] = fit_bias(zj, yj, global_[f][0])
         if fitted:
             per_site[site] = fitted
     return per_site

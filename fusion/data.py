@@ -15,11 +15,20 @@ import numpy as np
 from mmcds.records import Encodings
 
 SPLITS = ("train", "val", "test")
+#: A label that is not known (uncertain under ``mmcds label --uncertain ignore``): masked out of
+#: the loss, and its patient left out of that finding's calibration, thresholds and figures
+#: (``mmcds.fusion.metrics.known``), never counted as a negative.
+UNKNOWN = -1
+#: A finding with fewer positives than this in the training split gets a warning in the model
+#: card and the validation record: its model rests on few examples, and its validation figures
+#: on fewer still (their bootstrap CIs say how few).
+FEW_POSITIVES = 30
 
 
 @dataclass
 class EncodedSet:
-    """Per patient, in the same order: encodings, 0/1 labels (N, F) and who they are."""
+    """Per patient, in the same order: encodings, labels (N, F: 1, 0 or ``UNKNOWN``) and who
+    they are."""
 
     keys: list[str]
     encodings: list[Encodings]
@@ -50,6 +59,23 @@ class EncodedSet:
         if missing:
             raise KeyError(f"{len(missing)} patient(s) not in this set, e.g. {missing[0]}")
         return self.subset([where[k] for k in keys])
+
+
+def positives(ds: EncodedSet) -> dict[str, int]:
+    """Patients with each finding (label 1)."""
+    return {f: int((ds.labels[:, j] == 1).sum()) for j, f in enumerate(ds.findings)}
+
+
+def few_positive_warnings(train: dict[str, int], val: dict[str, int]) -> dict[str, str]:
+    """Per finding with fewer than ``FEW_POSITIVES`` training positives, the warning to show."""
+    return {
+        f: (
+            f"only {n} positive patients in training ({val.get(f, 0)} in validation; fewer "
+            f"than {FEW_POSITIVES}): its figures are uncertain, read them with their 95% CI"
+        )
+        for f, n in train.items()
+        if n < FEW_POSITIVES
+    }
 
 
 def split_patients(

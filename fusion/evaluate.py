@@ -21,6 +21,7 @@ from mmcds.fusion.metrics import (
     bootstrap_index,
     ci,
     ece,
+    known,
     paired_auroc_test,
     reliability,
     roc_points,
@@ -83,7 +84,8 @@ def evaluate(
             "modalities_present": present,
             "sites": {k: int(v.sum()) for k, v in _groups(ds.sites).items()},
             "prevalence": {
-                f: round(float(ds.labels[:, j].mean()), 4) for j, f in enumerate(cfg.findings)
+                f: round(float(known(ds.labels[:, j])[0].mean()), 4)
+                for j, f in enumerate(cfg.findings)
             },
         },
         "findings": list(cfg.findings),
@@ -184,7 +186,7 @@ def _site_shift(
             row["global"][g] = round(ece(y, glob[rows, j]), 4)
             row["per_site"][g] = round(ece(y, local[rows, j]), 4)
             row["auroc"][g] = binary_metrics(y, local[rows, j], {})["auroc"]
-            row["prevalence"][g] = round(float(y.mean()), 4)
+            row["prevalence"][g] = round(float(known(y)[0].mean()), 4)
         for k in ("global", "per_site"):
             vals = list(row[k].values())
             row[f"{k}_gap"] = round(max(vals) - min(vals), 4)

@@ -1,4 +1,9 @@
-"""Binary metrics with bootstrap confidence intervals (numpy only, vectorised where it pays)."""
+"""Binary metrics with bootstrap confidence intervals (numpy only, vectorised where it pays).
+
+A label below 0 (``mmcds.fusion.data.UNKNOWN``: uncertain, left out by ``--uncertain ignore``)
+is unknown: every figure here leaves that patient out of that finding, never counts it as a
+negative.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +16,19 @@ from sklearn.metrics import average_precision_score
 N_BINS = 10
 
 
+def known(y: np.ndarray, *scores: np.ndarray) -> tuple[np.ndarray, ...]:
+    """``y`` and ``scores`` restricted to the patients whose label is known (0 or 1)."""
+    y = np.asarray(y)
+    keep = y >= 0
+    if keep.all():
+        return (y, *(np.asarray(s) for s in scores))
+    return (y[keep], *(np.asarray(s)[keep] for s in scores))
+
+
 def auroc(y: np.ndarray, p: np.ndarray) -> float:
     """Mann-Whitney AUROC with ties counted half; NaN when a class is absent."""
-    y = np.asarray(y) == 1
+    y, p = known(y, p)
+    y = y == 1
     n_pos, n_neg = int(y.sum()), int((~y).sum())
     if n_pos == 0 or n_neg == 0:
         return float("nan")
@@ -22,6 +37,7 @@ def auroc(y: np.ndarray, p: np.ndarray) -> float:
 
 
 def auprc(y: np.ndarray, p: np.ndarray) -> float:
+    y, p = known(y, p)
     return float(average_precision_score(y, p)) if 0 < np.sum(y) < len(y) else float("nan")
 
 
@@ -32,6 +48,7 @@ def _bin_index(p: np.ndarray, bins: int) -> np.ndarray:
 
 def ece(y: np.ndarray, p: np.ndarray, bins: int = N_BINS) -> float:
     """Expected calibration error over equal-width probability bins."""
+    y, p = known(y, p)
     y, p = np.asarray(y, float), np.asarray(p, float)
     if len(y) == 0:
         return float("nan")
@@ -62,6 +79,7 @@ def ece_if_calibrated(
 
 
 def reliability(y: np.ndarray, p: np.ndarray, bins: int = N_BINS) -> list[dict[str, float]]:
+    y, p = known(y, p)
     y, p = np.asarray(y, float), np.asarray(p, float)
     which = _bin_index(p, bins)
     out = []
@@ -80,11 +98,13 @@ def reliability(y: np.ndarray, p: np.ndarray, bins: int = N_BINS) -> list[dict[s
 
 
 def brier(y: np.ndarray, p: np.ndarray) -> float:
+    y, p = known(y, p)
     return float(np.mean((np.asarray(p, float) - np.asarray(y, float)) ** 2)) if len(y) else 0.0
 
 
 def at_threshold(y: np.ndarray, p: np.ndarray, t: float) -> dict[str, float | None]:
-    y = np.asarray(y) == 1
+    y, p = known(y, p)
+    y = y == 1
     flag = np.asarray(p) >= t
     pos, neg = int(y.sum()), int((~y).sum())
     return {
@@ -97,7 +117,8 @@ def at_threshold(y: np.ndarray, p: np.ndarray, t: float) -> dict[str, float | No
 
 def roc_points(y: np.ndarray, p: np.ndarray, max_points: int = 60) -> list[list[float]]:
     """[fpr, tpr] pairs for plotting, thinned to at most ``max_points``."""
-    y = np.asarray(y) == 1
+    y, p = known(y, p)
+    y = y == 1
     if y.all() or not y.any():
         return []
     order = np.argsort(-np.asarray(p), kind="stable")
@@ -130,11 +151,12 @@ def binary_metrics(
     thresholds: dict[str, float],
     index: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """AUROC (+ bootstrap CI when ``index`` is given), AUPRC, ECE, Brier, operating points."""
+    """AUROC (+ bootstrap CI when ``index`` is given), AUPRC, ECE, Brier, operating points.
+    ``n`` and ``positives`` count the patients whose label is known."""
     y = np.asarray(y).astype(int)
     out: dict[str, Any] = {
-        "n": int(len(y)),
-        "positives": int(y.sum()),
+        "n": int((y >= 0).sum()),
+        "positives": int((y == 1).sum()),
         "auroc": _r(auroc(y, p)),
         "auprc": _r(auprc(y, p)),
         "ece": _r(ece(y, p)),
@@ -143,7 +165,7 @@ def binary_metrics(
     }
     if index is not None:
         out["auroc_ci"] = ci(boot_auroc(y, p, index))
-        out["ece_if_calibrated"] = ece_if_calibrated(p)
+        out["ece_if_calibrated"] = ece_if_calibrated(known(y, p)[1])
     return out
 
 

@@ -25,6 +25,21 @@ def _localisation(training: dict[str, Any]) -> str:
     )
 
 
+def _image_encoders(config: FusionConfig) -> str:
+    t = config.training
+    if config.modalities and "image" not in config.modalities:
+        return (
+            "The training cohort had no radiographs: the image encoders were neither trained nor "
+            "used, and this model reads no images."
+        )
+    return (
+        "The image encoders (a tiny ResNet and a tiny ViT) were **fine-tuned** as multi-label "
+        "classifiers of these findings on the training split's images only "
+        f"({t.get('image_encoders', 'n/a')}), then frozen; their checkpoints are the `cnn/` and "
+        f"`vit/` folders beside this card. {_localisation(t)}"
+    )
+
+
 def _validation(config: FusionConfig) -> str:
     """The per-subset validation table: which findings may alarm on which inputs, and why not."""
     rows = []
@@ -54,11 +69,35 @@ def _validation(config: FusionConfig) -> str:
     )
 
 
+def _balance(training: dict[str, Any]) -> str:
+    """Positives per split, and the warning for findings with few of them."""
+    counts = training.get("positives")
+    if not counts:
+        return "Not recorded for this model."
+    rows = "\n".join(
+        f"| {f} | {n} | {counts.get('val', {}).get(f, 'n/a')} |"
+        for f, n in counts.get("train", {}).items()
+    )
+    few = training.get("few_positives", {})
+    warnings = "".join(f"\n- **Warning, {f}**: {text}." for f, text in few.items())
+    return f"| finding | training positives | validation positives |\n|---|---|---|\n{rows}\n" + (
+        warnings or "\nEvery finding had at least 30 positive patients in training."
+    )
+
+
 def model_card(config: FusionConfig, val_metrics: dict[str, Any]) -> str:
     t = config.training
     all_ = val_metrics.get("subsets", {}).get("image+text+labs", {})
+    # the bootstrap CI of the validation AUROC on every input the model has (validation.py)
+    full = config.subsets.get("+".join(sorted(config.modalities)), {}).get("findings", {})
+
+    def _ci(f: str) -> str:
+        ci = full.get(f, {}).get("auroc_ci")
+        return f"{ci[0]:.2f}–{ci[1]:.2f}" if ci else "n/a"
+
     rows = "\n".join(
-        f"| {f} | {_fmt(m.get('auroc'))} | {_fmt(m.get('auprc'))} | {_fmt(m.get('ece'))} | "
+        f"| {f} | {m.get('positives', 'n/a')} | {_fmt(m.get('auroc'))} | {_ci(f)} | "
+        f"{_fmt(m.get('auprc'))} | {_fmt(m.get('ece'))} | "
         f"{_fmt(config.warning_threshold.get(f))} | {_fmt(config.critical_threshold.get(f))} |"
         for f, m in all_.items()
     )
@@ -82,10 +121,7 @@ modality, logits from the mean and max of its tokens (architecture `{config.arch
 with masks for missing modalities and modality dropout ({config.modality_dropout}) in training,
 so any subset of modalities can be scored. One calibrated probability per finding.
 
-Encoders: the text encoder is frozen. The image encoders (a tiny ResNet and a tiny ViT) were
-**fine-tuned** as multi-label classifiers of these findings on the training split's images only
-({t.get("image_encoders", "n/a")}), then frozen; their checkpoints are the `cnn/` and `vit/`
-folders beside this card. {_localisation(t)} Encoder ids:
+Encoders: the text encoder is frozen. {_image_encoders(config)} Encoder ids:
 
 ```json
 {json.dumps(config.encoder_ids, indent=2)}
@@ -96,6 +132,9 @@ Trained on `{t.get("data", "n/a")}` (cohort {json.dumps(t.get("cohort", {}))}), 
 `{t.get("data_hash", "n/a")}`, split hash `{t.get("split_hash", "n/a")}`. Patient-level split,
 stratified by site, seed {t.get("seed")}: {sizes}. The test split took no part in training,
 early stopping or calibration.
+
+## Class balance
+{_balance(t)}
 
 ## Calibration and operating points
 {config.calibration.get("method", "none")} scaling per finding on the validation split, with a
@@ -113,8 +152,8 @@ is not validated for the inputs a patient brings is shown as not assessed and ne
 {_validation(config)}
 
 ## Metrics (validation split, all modalities)
-| finding | AUROC | AUPRC | ECE | warning | critical |
-|---|---|---|---|---|---|
+| finding | positives | AUROC | 95% CI (bootstrap) | AUPRC | ECE | warning | critical |
+|---|---|---|---|---|---|---|---|
 {rows}
 
 Test-split metrics with confidence intervals, per modality subset, site and subgroup come from

@@ -46,7 +46,7 @@ from transformers import (
 
 from mmcds.encoders.image import ImageEncoder
 from mmcds.encoders.tiny import build_tiny_cnn, build_tiny_vit
-from mmcds.fusion.train import set_seeds
+from mmcds.fusion.train import masked_bce, set_seeds
 
 log = logging.getLogger(__name__)
 
@@ -206,8 +206,9 @@ def pretrain_image_encoder(
     y_val = torch.from_numpy(np.asarray(val_labels, np.float32))
     pos_weight = None
     if s.balance and len(y_train):
-        pos = y_train.sum(dim=0).clamp(min=1.0)
-        pos_weight = ((len(y_train) - pos) / pos).clamp(1.0, s.max_pos_weight)
+        pos = (y_train == 1).sum(dim=0).clamp(min=1.0)
+        labelled = (y_train >= 0).sum(dim=0)  # an unknown label is neither class
+        pos_weight = ((labelled - pos) / pos).clamp(1.0, s.max_pos_weight)
     generator = torch.Generator().manual_seed(s.seed)
     optimiser = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
     schedule = (
@@ -227,7 +228,7 @@ def pretrain_image_encoder(
             idx = order[start : start + s.batch_size]
             x, m = _augment(x_train[idx], None if masks is None else masks[idx], s.shift, generator)
             logits, loc = _forward(model, x, m)
-            loss = F.binary_cross_entropy_with_logits(logits, y_train[idx], pos_weight=pos_weight)
+            loss = masked_bce(logits, y_train[idx], pos_weight=pos_weight)
             if loc is not None:
                 loc_losses.append(loc.item())
                 loss = loss + s.localise * loc
@@ -289,9 +290,5 @@ def _loss(
     total = 0.0
     for start in range(0, len(x), 128):
         logits = model(pixel_values=x[start : start + 128]).logits
-        total += float(
-            F.binary_cross_entropy_with_logits(
-                logits, y[start : start + 128], pos_weight=pos_weight, reduction="sum"
-            )
-        )
-    return total / max(1, y.numel())
+        total += float(masked_bce(logits, y[start : start + 128], pos_weight, reduction="sum"))
+    return total / max(1, int((y >= 0).sum()))

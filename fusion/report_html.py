@@ -201,6 +201,7 @@ def render(metrics: dict[str, Any]) -> str:
             ["finding", "best single", "AUROC gain", "95% CI", "p"],
         )
     )
+    parts.extend(_baseline(metrics.get("baseline")))
     parts.append("<h2>Sites</h2>")
     for f in findings:
         parts.append(bars_svg(f"{f}: by site", {s: v[f] for s, v in metrics["sites"].items()}))
@@ -237,6 +238,25 @@ def render(metrics: dict[str, Any]) -> str:
             parts.append(bars_svg(f"{f}: by {name}", {g: v[f] for g, v in groups.items()}))
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def _baseline(report: dict[str, Any] | None) -> list[str]:
+    """The ``--baseline`` table: baseline and model AUROC, paired difference, per finding."""
+    if not report:
+        return []
+    rows = []
+    for f, v in report["findings"].items():
+        for name in report["model_scores"]:
+            rows.append(
+                [f, name, v.get(f"{name}_auroc"), v.get(f"{name}_auroc_ci"),
+                 v.get("baseline_auroc"), v.get("baseline_auroc_ci"),
+                 v.get(f"{name}_minus_baseline"), v.get(f"{name}_minus_baseline_ci"),
+                 v.get(f"{name}_verdict")]
+            )  # fmt: skip
+    head = ["finding", "model scores", "AUROC", "95% CI", f"{report['name']} AUROC", "95% CI",
+            "difference", "95% CI (paired)", "verdict"]  # fmt: skip
+    title = f"Baseline: {report['method']}; fitted on {report['fitted_on']}"
+    return [f"<h2>{html.escape(title)}</h2>", _table(rows, head)]
 
 
 def write_report(metrics: dict[str, Any], path: Path) -> Path:

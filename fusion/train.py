@@ -45,6 +45,24 @@ class TrainLog:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
+def masked_bce(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    pos_weight: torch.Tensor | None = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Binary cross-entropy over the known labels only: a label below 0 (uncertain, kept out by
+    ``--uncertain ignore``) adds nothing to the loss or its gradient, and the patient's other
+    findings still teach. With every label known this is ``binary_cross_entropy_with_logits``.
+    ``reduction``: "mean" over known labels, or "sum"."""
+    keep = labels >= 0
+    each = F.binary_cross_entropy_with_logits(
+        logits, labels.clamp(min=0), pos_weight=pos_weight, reduction="none"
+    )
+    total = (each * keep).sum()
+    return total if reduction == "sum" else total / keep.sum().clamp(min=1)
+
+
 def set_seeds(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -123,14 +141,14 @@ def train_fusion(
             idx = order[start : start + s.batch_size]
             batch = take(tb, idx)
             drop = modality_drop(batch.mask, config.modality_dropout, generator)
-            loss = F.binary_cross_entropy_with_logits(model(batch, drop=drop), y_train[idx])
+            loss = masked_bce(model(batch, drop=drop), y_train[idx])
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
             losses.append(loss.item())
         model.eval()
         with torch.inference_mode():
-            val_loss = float(F.binary_cross_entropy_with_logits(model(vb), y_val))
+            val_loss = float(masked_bce(model(vb), y_val))
         train_loss = float(np.mean(losses))
         record.history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss})
         bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val_loss:.3f}")

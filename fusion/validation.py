@@ -34,7 +34,7 @@ import numpy as np
 
 from mmcds.fusion.calibrate import Calibration, fit_one, sensitivity_threshold
 from mmcds.fusion.data import EncodedSet
-from mmcds.fusion.metrics import auroc
+from mmcds.fusion.metrics import auroc, known
 from mmcds.fusion.model import FusionModel
 from mmcds.fusion.train import predict_logits
 from mmcds.records import MODALITIES, Encodings, Modality
@@ -187,8 +187,9 @@ def validate_finding(
     rules: Rules,
     rng: np.random.Generator,
 ) -> FindingValidation:
-    """Apply the rules to one finding's calibrated validation probabilities."""
-    p, y = np.asarray(probs, float), np.asarray(labels, int)
+    """Apply the rules to one finding's calibrated validation probabilities (patients whose
+    label is unknown left out)."""
+    y, p = known(np.asarray(labels, int), np.asarray(probs, float))
     pos, neg = y == 1, y == 0
     n_pos, n_neg = int(pos.sum()), int(neg.sum())
     both = n_pos > 0 and n_neg > 0
@@ -283,9 +284,10 @@ def validate_subsets(
             warn = {f: NEVER for f in findings}
             crit = dict(warn)
             for j, f in enumerate(findings):
-                if len(rows) and y[:, j].min() != y[:, j].max():
-                    warn[f] = warning_point(probs[:, j], y[:, j], rules)
-                    crit[f] = max(critical_point(probs[:, j], y[:, j], rules), warn[f])
+                yj, pj = known(y[:, j], probs[:, j]) if len(rows) else (np.zeros(0), np.zeros(0))
+                if len(yj) and yj.min() != yj.max():
+                    warn[f] = warning_point(pj, yj, rules)
+                    crit[f] = max(critical_point(pj, yj, rules), warn[f])
             out[subset_key(subset)] = SubsetValidation(
                 modalities=list(subset),
                 calibration=table,

@@ -465,7 +465,11 @@ def label(
     labels: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="Site labels CSV")],
     out: Annotated[Path, typer.Option(help="Cohort folder to write (for mmcds train)")],
     uncertain: Annotated[
-        str, typer.Option(help="Uncertain (-1) labels: ignore (leave the patient out), zeros, ones")
+        str,
+        typer.Option(
+            help="Uncertain (-1) labels: ignore (kept as unknown: masked in the loss and left "
+            "out of that finding's figures, the patient kept), zeros, ones"
+        ),
     ] = "ignore",
     catalogue: Annotated[
         Path | None, typer.Option(exists=True, dir_okay=False, help="Site finding catalogue")
@@ -520,13 +524,22 @@ def evaluate(
     ),
     bootstrap: Annotated[int, typer.Option(min=0, help="Bootstrap resamples")] = 1000,
     cache: Annotated[str | None, typer.Option(help="Embedding cache URL")] = None,
+    baseline: Annotated[
+        str | None,
+        typer.Option(
+            help="tfidf: also fit TF-IDF + logistic regression on the model's training split's "
+            "notes and score it beside the model (paired bootstrap)"
+        ),
+    ] = None,
 ) -> None:
     """Score DATA with a trained model: metrics.json and an HTML report with plots."""
     from mmcds.training.run import evaluate_cohort
 
+    if baseline not in (None, "tfidf"):
+        raise typer.BadParameter("baseline must be tfidf")
     metrics = evaluate_cohort(
         model, data, out, get_settings(), n_boot=bootstrap, cache_url=cache, split=split,
-        echo=typer.echo,
+        baseline=baseline, echo=typer.echo,
     )  # fmt: skip
     for f, m in metrics["subsets"]["image+text+labs"].items():
         typer.echo(f"{f}: AUROC {m['auroc']} CI {m.get('auroc_ci')} ECE {m['ece']}")

@@ -18,7 +18,7 @@ import numpy as np
 
 from mmcds.encoders.labs import empty_lab_frame
 from mmcds.fusion.data import EncodedSet
-from mmcds.fusion.metrics import auroc
+from mmcds.fusion.metrics import auroc, known
 from mmcds.fusion.pipeline import Pipeline
 from mmcds.fusion.validation import mask, subset_key
 from mmcds.records import MODALITIES, Assessment, Level, PatientRecord
@@ -45,7 +45,7 @@ def _rates(assessments: Sequence[Assessment], labels: np.ndarray, j: int) -> dic
     assessed = np.array([s.assessed for s in scores], bool)
     y = labels[:, j]
     p = np.array([s.probability for s in scores])
-    kept = y[assessed]
+    kept, p_kept = known(y[assessed], p[assessed])  # an unknown label scores nothing
     both = len(kept) and kept.min() != kept.max()
     return {
         "n": n,
@@ -53,7 +53,7 @@ def _rates(assessments: Sequence[Assessment], labels: np.ndarray, j: int) -> dic
         "critical_rate": sum(s.level == Level.critical for s in scores) / n if n else None,
         "abstention_rate": sum(s.status == "abstained" for s in scores) / n if n else None,
         "not_assessed_rate": float((~assessed).mean()) if n else None,
-        "auroc_assessed": float(auroc(kept, p[assessed])) if both else None,
+        "auroc_assessed": float(auroc(kept, p_kept)) if both else None,
     }
 
 

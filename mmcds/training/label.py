@@ -5,8 +5,9 @@ reads (``bundles/<key>.json`` with a Patient and the report as a DocumentReferen
 Reports are ``<patient_key>.txt`` files. The labels CSV has a ``patient_key`` column and one
 column per catalogue finding with 1, 0, -1 (uncertain, as CheXpert) or blank (not mentioned,
 read as 0, as CheXpert's own recipes do). Uncertain labels follow ``uncertain``: ``zeros`` or
-``ones`` map them to 0 or 1; ``ignore`` leaves out every patient with an uncertain label among
-the chosen findings (the loss has no per-label mask yet), and says how many.
+``ones`` map them to 0 or 1; ``ignore`` keeps the patient and writes the label as unknown (-1,
+``mmcds.fusion.data.UNKNOWN``): training masks that one label out of the loss, and calibration,
+validation and evaluation leave the patient out of that finding only.
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ def label_reports(
     uncertain: Uncertain = "ignore",
     site_catalogue: str | None = None,
 ) -> dict[str, int]:
-    """Write the cohort under ``out``; returns counts (patients written, left out)."""
+    """Write the cohort under ``out``; returns counts (patients written, uncertain labels and
+    what became of them: ``masked`` under ``ignore``, else ``mapped``)."""
     if uncertain not in ("ignore", "zeros", "ones"):
         raise InputRejected(f"uncertain policy {uncertain!r}: choose ignore, zeros or ones")
     table = pd.read_csv(labels_csv, dtype={"patient_key": str})
@@ -81,18 +83,15 @@ def label_reports(
         raise InputRejected(
             f"{labels_csv}: labels must be 1, 0, -1 or blank (rows {list(bad[bad].index)[:5]})"
         )
-    unsure = (values == -1).any(axis=1)
-    if uncertain == "ignore":
-        keep = ~unsure
-    else:
+    n_unsure = int((values == -1).to_numpy().sum())
+    if uncertain != "ignore":
         values = values.replace(-1, 0 if uncertain == "zeros" else 1)
-        keep = unsure | ~unsure
     if out.exists():
         shutil.rmtree(out)
     for sub in ("bundles", "dicom", "masks"):
         (out / sub).mkdir(parents=True)
     rows = []
-    for i in table.index[keep]:
+    for i in table.index:
         key = str(table.at[i, "patient_key"])
         path = reports / f"{key}.txt"
         if not path.is_file():
@@ -104,4 +103,5 @@ def label_reports(
         row.update({n: int(values.at[i, n]) for n in names})
         rows.append(row)
     pd.DataFrame(rows).to_csv(out / "labels.csv", index=False)
-    return {"patients": len(rows), "left_out_uncertain": int((~keep).sum())}
+    verb = "masked" if uncertain == "ignore" else "mapped"
+    return {"patients": len(rows), f"uncertain_labels_{verb}": n_unsure}

@@ -27,6 +27,8 @@ from mmcds.encoders.tiny import build_tiny_cnn, build_tiny_vit
 from mmcds.fusion.calibrate import Method, SiteRule, fit_calibration, operating_points
 from mmcds.fusion.data import (
     EncodedSet,
+    few_positive_warnings,
+    positives,
     restrict_training,
     split_hash,
     split_patients,
@@ -42,6 +44,7 @@ from mmcds.fusion.validation import Rules, SubsetValidation, validate_subsets
 from mmcds.records import MODALITIES, Modality, content_hash
 from mmcds.settings import Settings
 from mmcds.store import EmbeddingCache
+from mmcds.training import baseline as text_baseline
 from mmcds.training.alarms import alarm_lines, alarm_report
 from mmcds.training.dataset import Example, cohort_findings, encode_examples, iter_examples
 
@@ -245,6 +248,10 @@ def train_cohort(
     config.modalities = list(_modalities(encoded))
     echo(f"findings: {', '.join(names)}; modalities: {', '.join(config.modalities)}")
     train, val = encoded.select_keys(split["train"]), encoded.select_keys(split["val"])
+    counts = {"train": positives(train), "val": positives(val)}
+    few = few_positive_warnings(counts["train"], counts["val"])
+    for f in few:
+        echo(f"warning: {f}: {few[f]}")
     model, tlog = train_fusion(config, train, val, o.train_settings, o.progress)
     echo(f"fusion: {tlog.epochs_run} epochs, best val loss {tlog.best_val_loss:.4f}")
     timings["fusion_s"] = time.perf_counter() - t
@@ -284,6 +291,8 @@ def train_cohort(
         },
         "image_encoders": "fine-tuned on the training split" if pretrain else "random, frozen",
         "modalities": config.modalities,
+        "positives": counts,
+        "few_positives": few,
         "pretrain": pre_logs,
         "fusion": asdict(tlog),
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
@@ -294,6 +303,7 @@ def train_cohort(
         config.training["site_calibration"] = o.site_calibration
     config.version = f"fusion-{config.training['data_hash'][:8]}-{_weights_digest(model)}"
     val_metrics = evaluate(model, val, n_boot=0)
+    val_metrics["warnings"] = {"few_positives": few}
     model.save_pretrained(out, model_card(config, val_metrics))
     ood.save(out)
     labs.save_pretrained(out)
@@ -325,12 +335,15 @@ def evaluate_cohort(
     n_boot: int = 1000,
     cache_url: str | None = None,
     split: str = "test",
+    baseline: str | None = None,
     progress: bool = True,
     echo: Echo = print,
 ) -> dict[str, Any]:
     """Encode ``data`` with the model folder's encoders and write metrics.json + report.html.
 
-    Only patients the model has not learned from are scored: see ``scored_patients``.
+    Only patients the model has not learned from are scored: see ``scored_patients``. With
+    ``baseline="tfidf"``, TF-IDF + logistic regression fitted on the model's training split is
+    scored beside it (``mmcds.training.baseline``).
     """
     from mmcds.fusion.report_html import write_report
 
@@ -347,6 +360,18 @@ def evaluate_cohort(
         echo(line)
     metrics["data"]["folder"] = str(data)
     metrics["data"]["split"] = scored
+    few = model.config.training.get("few_positives", {})
+    metrics["warnings"] = {"few_positives": few}
+    for f in few:
+        echo(f"warning: {f}: {few[f]}")
+    if baseline is not None:
+        if baseline != text_baseline.NAME:
+            raise ValueError(f"unknown baseline {baseline!r}: the one there is is 'tfidf'")
+        metrics["baseline"] = text_baseline.baseline_report(
+            model, examples, chosen, encoded, n_boot
+        )
+        for line in text_baseline.lines(metrics["baseline"]):
+            echo(line)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     write_report(metrics, out / "report.html")

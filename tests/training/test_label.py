@@ -29,17 +29,20 @@ def _site(tmp_path: Path, columns: dict[str, list]) -> tuple[Path, Path]:
 
 
 @pytest.mark.parametrize(
-    ("policy", "kept", "atelectasis"),
-    [("ignore", ["p1", "p3"], [0, 0]), ("zeros", ["p1", "p2", "p3"], [0, 0, 0]),
-     ("ones", ["p1", "p2", "p3"], [0, 1, 0])],
+    ("policy", "count", "atelectasis"),
+    [("ignore", "uncertain_labels_masked", [0, -1, 0]),
+     ("zeros", "uncertain_labels_mapped", [0, 0, 0]),
+     ("ones", "uncertain_labels_mapped", [0, 1, 0])],
 )  # fmt: skip
-def test_uncertain_policy(tmp_path: Path, policy: str, kept: list[str], atelectasis: list) -> None:
+def test_uncertain_policy(tmp_path: Path, policy: str, count: str, atelectasis: list) -> None:
     reports, csv = _site(tmp_path, {"cardiomegaly": [1, 0, None], "atelectasis": [None, -1, 0]})
     counts = label_reports(reports, csv, tmp_path / "cohort", policy)  # type: ignore[arg-type]
-    assert counts == {"patients": len(kept), "left_out_uncertain": 3 - len(kept)}
+    assert counts == {"patients": 3, count: 1}  # every patient kept, whatever the policy
     assert [f.name for f in cohort_findings(tmp_path / "cohort")] == ["cardiomegaly", "atelectasis"]
     examples = list(iter_examples(tmp_path / "cohort", None, ["cardiomegaly", "atelectasis"]))
-    assert [ex.key for ex in examples] == kept
+    assert [ex.key for ex in examples] == ["p1", "p2", "p3"]
+    # under ignore only p2's atelectasis is unknown; its cardiomegaly label still teaches
+    assert [ex.labels["cardiomegaly"] for ex in examples] == [1, 0, 0]
     assert [ex.labels["atelectasis"] for ex in examples] == atelectasis
     assert all(len(ex.record.notes) == 1 and not ex.record.images for ex in examples)
     assert "Cardiomegaly" in examples[0].record.notes[0].text

@@ -74,11 +74,24 @@ def test_one_modality_trains_evaluates_and_records_it(full: Path, keep: tuple[st
     assert config.modalities == list(keep)
     assert config.training["modalities"] == list(keep)
     assert set(config.subsets) == {keep[0]}  # validated on what it had, nothing else
+    baseline = "tfidf" if keep == ("text",) else None
+    report = data.parent / f"eval-{data.name}"
     metrics = evaluate_cohort(
-        model_dir, data, data.parent / f"eval-{data.name}", _settings(data.parent),
-        n_boot=20, progress=False, echo=lambda s: None,
+        model_dir, data, report, _settings(data.parent),
+        n_boot=20, baseline=baseline, progress=False, echo=lambda s: None,
     )  # fmt: skip
     assert set(metrics["findings"]) == set(config.findings)
+    if baseline:  # TF-IDF + LR fitted on the model's training split, scored on its test split
+        rows = metrics["baseline"]["findings"]
+        assert list(rows) == config.findings
+        assert metrics["baseline"]["fitted_on"].endswith(
+            f"({len(config.training['split']['train'])} patients)"
+        )
+        for f, row in rows.items():
+            assert row["n"] == len(config.training["split"]["test"])
+            assert row["model_auroc"] == metrics["subsets"]["image+text+labs"][f]["auroc"]
+            assert "model_minus_baseline_ci" in row
+        assert "tfidf AUROC" in (report / "report.html").read_text()
 
 
 def test_notes_only_model_serves_and_says_imaging_is_not_used(full: Path) -> None:
@@ -159,3 +172,46 @@ def test_unknown_label_column_names_the_catalogue(full: Path, tmp_path: Path) ->
     config = FusionModel.from_pretrained(model_dir).config
     assert config.findings == ["pneumonia", "chest_pain"]
     assert config.finding_entries["chest_pain"]["display"] == "Chest pain"
+
+
+def test_uncertain_labels_keep_their_patients_and_few_positives_warn(full: Path) -> None:
+    """--uncertain ignore: the unknown label is masked, the patient stays (in training and in the
+    figures of the other findings); findings with < 30 training positives warn on the card."""
+    data = full.parent / "uncertain"
+    shutil.copytree(full, data)
+    keep_modalities(data, ("text", "labs"))
+    with (data / "labels.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    unknown = {r["patient_key"] for r in rows[::3]}
+    for r in rows:
+        if r["patient_key"] in unknown:
+            r["pneumonia"] = "-1"
+    with (data / "labels.csv").open("w", newline="") as fh:
+        w = csv.DictWriter(fh, list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    model_dir, lines = _train(data)
+    config = FusionModel.from_pretrained(model_dir).config
+    split = config.training["split"]
+    assert sorted(k for v in split.values() for k in v) == sorted(r["patient_key"] for r in rows)
+    label = {r["patient_key"]: int(r["pneumonia"]) for r in rows}
+    assert config.training["positives"]["train"]["pneumonia"] == sum(
+        label[k] == 1 for k in split["train"]
+    )
+    # 40 patients: every finding has fewer than 30 positives in training
+    assert set(config.training["few_positives"]) == set(config.findings)
+    assert any(line.startswith("warning: pneumonia: only") for line in lines)
+    card = (model_dir / "README.md").read_text()
+    assert "**Warning, pneumonia**: only" in card
+    record = json.loads((model_dir / "val_metrics.json").read_text())
+    assert set(record["warnings"]["few_positives"]) == set(config.findings)
+    metrics = evaluate_cohort(
+        model_dir, data, data.parent / "eval-uncertain", _settings(data.parent),
+        n_boot=50, progress=False, echo=lambda s: None,
+    )  # fmt: skip
+    assert set(metrics["warnings"]["few_positives"]) == set(config.findings)
+    scored = metrics["subsets"]["image+text+labs"]
+    test = split["test"]
+    assert scored["pneumonia"]["n"] == sum(label[k] >= 0 for k in test) < len(test)
+    assert scored["heart_failure"]["n"] == len(test)  # the patient's other labels still count
+    assert scored["pneumonia"]["auroc_ci"] is not None  # a CI, not a point estimate alone
