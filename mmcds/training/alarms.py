@@ -39,7 +39,8 @@ def _site(record: PatientRecord) -> str | None:
     return next((img.site for img in record.images if img.site), None)
 
 
-def _rates(assessments: Sequence[Assessment], labels: np.ndarray, j: int) -> dict[str, Any]:
+def decision_rates(assessments: Sequence[Assessment], labels: np.ndarray, j: int) -> dict[str, Any]:
+    """Finding ``j``'s decision rates over ``assessments`` (one per patient, ``labels`` (N, F))."""
     scores = [a.findings[j] for a in assessments]
     n = len(scores)
     assessed = np.array([s.assessed for s in scores], bool)
@@ -47,6 +48,7 @@ def _rates(assessments: Sequence[Assessment], labels: np.ndarray, j: int) -> dic
     p = np.array([s.probability for s in scores])
     kept, p_kept = known(y[assessed], p[assessed])  # an unknown label scores nothing
     both = len(kept) and kept.min() != kept.max()
+    levels = np.array([s.level for s in scores], object)
     return {
         "n": n,
         "alarm_rate": sum(s.level != Level.info for s in scores) / n if n else None,
@@ -54,6 +56,18 @@ def _rates(assessments: Sequence[Assessment], labels: np.ndarray, j: int) -> dic
         "abstention_rate": sum(s.status == "abstained" for s in scores) / n if n else None,
         "not_assessed_rate": float((~assessed).mean()) if n else None,
         "auroc_assessed": float(auroc(kept, p_kept)) if both else None,
+        # whether the validation split's promises hold here: on the assessed patients, the
+        # sensitivity and specificity of any alert and of a critical one
+        **_accuracy(y[assessed], levels[assessed] != Level.info, "alarm"),
+        **_accuracy(y[assessed], levels[assessed] == Level.critical, "critical"),
+    }
+
+
+def _accuracy(y: np.ndarray, flagged: np.ndarray, name: str) -> dict[str, float | None]:
+    pos, neg = y == 1, y == 0  # an unknown label (-1) is neither
+    return {
+        f"{name}_sensitivity": float(flagged[pos].mean()) if pos.any() else None,
+        f"{name}_specificity": float((~flagged[neg]).mean()) if neg.any() else None,
     }
 
 
@@ -76,20 +90,27 @@ def alarm_report(pipe: Pipeline, examples: Sequence[Example], encoded: EncodedSe
                 )
             labels = encoded.labels[rows]
             out[subset_key(subset)] = {
-                f: _rates(assessments, labels, j) for j, f in enumerate(findings)
+                f: decision_rates(assessments, labels, j) for j, f in enumerate(findings)
             }
     return out
 
 
 def alarm_lines(report: dict[str, Any]) -> list[str]:
     """A compact text table for the terminal."""
-    lines = ["subset / finding: alarm rate, abstention rate, not assessed, AUROC on assessed"]
+    lines = [
+        "subset / finding: alarm rate (sensitivity/specificity of any alert), critical rate "
+        "(its specificity), abstention rate, not assessed, AUROC on assessed"
+    ]
     for key, per in report.items():
         for f, r in per.items():
-            auc = f"{r['auroc_assessed']:.3f}" if r["auroc_assessed"] is not None else "n/a"
             lines.append(
-                f"{key:18s} {f:18s} alarm {r['alarm_rate']:.2f}  abstain "
-                f"{r['abstention_rate']:.2f}  not assessed {r['not_assessed_rate']:.2f}  "
-                f"AUROC {auc}"
+                f"{key:18s} {f:18s} alarm {r['alarm_rate']:.2f} ({_f(r['alarm_sensitivity'])}/"
+                f"{_f(r['alarm_specificity'])})  critical {r['critical_rate']:.2f} "
+                f"({_f(r['critical_specificity'])})  abstain {r['abstention_rate']:.2f}  "
+                f"not assessed {r['not_assessed_rate']:.2f}  AUROC {_f(r['auroc_assessed'])}"
             )
     return lines
+
+
+def _f(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"

@@ -10,12 +10,13 @@ import pytest
 
 from mmcds.encoders.dicom import decode_dicom
 from mmcds.encoders.quality import check_quality
+from mmcds.explain.summary import summary_line, summary_markdown
 from mmcds.fhir.bundle_source import BundleFhir, LocalDicom
 from mmcds.fhir.gather import gather_patient
 from mmcds.fusion.pipeline import Pipeline
 from mmcds.fusion.pretrain import PretrainSettings
 from mmcds.fusion.train import TrainSettings
-from mmcds.records import Level, Patient, PatientRecord
+from mmcds.records import Explanation, Level, Patient, PatientRecord
 from mmcds.settings import Settings
 from mmcds.synth import generate_cohort
 from mmcds.training.run import TrainOptions, train_cohort
@@ -49,9 +50,14 @@ def test_synthea_patients_get_no_alarm_and_the_reason(
         analysis = synthetic_model.analyse(record)
         a = analysis.assessment
         assert a.level == Level.info, path.name
+        # what the card says (its summary and detail are these two renderings)
+        line = summary_line(analysis)
+        detail = summary_markdown(analysis, Explanation(analysis_id="a"))
+        assert line.startswith("AI (preliminary): not assessed,"), (path.name, line)
+        assert "No finding above its alert threshold." in detail
         for score in a.findings:
             assert score.status in ("abstained", "insufficient_inputs"), (path.name, score)
-            assert score.reason
+            assert score.reason and score.reason in detail, (path.name, score.reason)
         flagged += bool(a.out_of_distribution)
     # Not only "insufficient inputs": the detector itself sees that these labs are not the
     # training cohort's.
