@@ -26,7 +26,8 @@ from mmcds.fusion.data import split_patients
 from mmcds.fusion.model import CARD_NAME, FusionModel
 from mmcds.fusion.train import predict_logits
 from mmcds.settings import Settings
-from mmcds.training.run import Echo, encode_all, load_examples, model_pipeline
+from mmcds.training.encoding import encode_all, load_examples, model_pipeline
+from mmcds.training.run import Echo
 
 
 def calibration_split(

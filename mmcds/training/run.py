@@ -17,12 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
-from tqdm.auto import tqdm
 
 from mmcds.encoders.image import ImageEncoder
 from mmcds.encoders.labs import LabEncoder
-from mmcds.encoders.text import Chunk, TextEncoder
+from mmcds.encoders.text import TextEncoder
 from mmcds.encoders.tiny import build_tiny_cnn, build_tiny_vit
 from mmcds.fusion.calibrate import Method, SiteRule, fit_calibration, operating_points
 from mmcds.fusion.data import (
@@ -41,12 +39,20 @@ from mmcds.fusion.pipeline import Pipeline, untrained_fusion
 from mmcds.fusion.pretrain import PretrainSettings, pretrain_image_encoder
 from mmcds.fusion.train import TrainSettings, predict_logits, train_fusion
 from mmcds.fusion.validation import Rules, SubsetValidation, validate_subsets
-from mmcds.records import MODALITIES, Modality, content_hash
+from mmcds.records import MODALITIES, Modality
 from mmcds.settings import Settings
 from mmcds.store import EmbeddingCache
 from mmcds.training import baseline as text_baseline
 from mmcds.training.alarms import alarm_lines, alarm_report
-from mmcds.training.dataset import Example, cohort_findings, encode_examples, iter_examples
+from mmcds.training.dataset import cohort_findings
+from mmcds.training.encoding import (
+    data_hash,
+    encode_all,
+    load_examples,
+    model_pipeline,
+    training_images,
+    training_masks,
+)
 
 log = logging.getLogger(__name__)
 Echo = Callable[[str], None]
@@ -74,99 +80,6 @@ class TrainOptions:
     finding_catalogue: str | None = None  # a site's catalogue file adding findings
     cache_url: str | None = None  # default: settings.database_url
     progress: bool = True
-
-
-def load_examples(
-    data: Path, limit: int | None, progress: bool, findings: Sequence[str]
-) -> list[Example]:
-    n = limit
-    if n is None:
-        with (data / "labels.csv").open() as fh:
-            n = max(0, sum(1 for _ in fh) - 1)
-    return list(
-        tqdm(iter_examples(data, limit, findings), total=n, desc="read", disable=not progress)
-    )
-
-
-def data_hash(ds: EncodedSet) -> str:
-    """Content hash of what the model learned from: each patient's inputs and labels."""
-    h = hashlib.sha256()
-    for key, enc, y in zip(ds.keys, ds.encodings, ds.labels, strict=True):
-        h.update(key.encode())
-        for m in sorted(enc.by_modality):
-            h.update("|".join(enc.by_modality[m].input_hashes).encode())
-        h.update(y.astype(np.int8).tobytes())
-    return h.hexdigest()[:16]
-
-
-def prefetch_text(
-    pipe: Pipeline, examples: list[Example], progress: bool, batch_size: int = 32
-) -> int:
-    """Embed every note chunk of the cohort not yet in the cache, length-sorted across patients.
-
-    Encoding patient by patient pads each batch to that patient's longest chunk: on the synthetic
-    cohort (about 24 chunks of 38 tokens on average per patient) that doubles the tokens MiniLM
-    runs over. Sorting all chunks of the cohort by length first gives near-uniform batches; the
-    per-patient ``pipe.encode`` then finds every chunk in the cache (same chunking, same keys, same
-    embeddings). Returns the number of chunks embedded here."""
-    if pipe.cache is None:
-        return 0
-    model_id = pipe.text.model_id
-    todo: dict[str, Chunk] = {}
-    for ex in tqdm(examples, desc="chunk", disable=not progress):
-        for chunk in pipe.text.chunks(ex.record.notes):
-            todo.setdefault(content_hash(chunk.text), chunk)
-    keys = list(todo)
-    for at in range(0, len(keys), 2000):
-        found = pipe.cache.get_many([(k, model_id) for k in keys[at : at + 2000]])
-        for k, _ in found:
-            todo.pop(k, None)
-    ordered = sorted(todo.items(), key=lambda kv: len(kv[1].text))
-    group = 1024  # cache writes per transaction; batches inside stay length-sorted
-    bar = tqdm(total=len(ordered), desc="text", unit="chunk", disable=not progress)
-    for at in range(0, len(ordered), group):
-        part = ordered[at : at + group]
-        vectors = pipe.text.embed_chunks([c for _, c in part], batch_size=batch_size)
-        pipe.cache.put_many((k, model_id, v) for (k, _), v in zip(part, vectors, strict=True))
-        bar.update(len(part))
-    bar.close()
-    return len(ordered)
-
-
-def prefetch_images(
-    pipe: Pipeline, examples: list[Example], progress: bool, batch_size: int = 32
-) -> int:
-    """Embed every radiograph not yet in the cache with both image encoders, 32 at a time
-    (``pipe.encode`` goes one patient, one image, at a time). Returns images embedded."""
-    if pipe.cache is None:
-        return 0
-    done = 0
-    for encoder in (pipe.cnn, pipe.vit):
-        todo = {im.content_hash: im.pixels for ex in examples for im in ex.record.images}
-        keys = list(todo)
-        for at in range(0, len(keys), 2000):
-            found = pipe.cache.get_many([(k, encoder.model_id) for k in keys[at : at + 2000]])
-            for k, _ in found:
-                todo.pop(k, None)
-        items = list(todo.items())
-        bar = tqdm(total=len(items), desc=f"image {encoder.kind}", disable=not progress)
-        for at in range(0, len(items), 256):
-            part = items[at : at + 256]
-            vectors = encoder.embed([px for _, px in part])  # batches of encoder.batch_size
-            pipe.cache.put_many(
-                (k, encoder.model_id, v) for (k, _), v in zip(part, vectors, strict=True)
-            )
-            bar.update(len(part))
-        bar.close()
-        done += len(items)
-    return done
-
-
-def encode_all(pipe: Pipeline, examples: list[Example], progress: bool) -> EncodedSet:
-    prefetch_images(pipe, examples, progress)
-    prefetch_text(pipe, examples, progress)
-    bar = tqdm(examples, desc="encode", disable=not progress)
-    return encode_examples(bar, lambda ex: pipe.encode(ex.record), pipe.fusion.config.findings)
 
 
 def train_cohort(
@@ -209,15 +122,15 @@ def train_cohort(
         )
     pretrain = o.pretrain and has_images
     # read once for both encoders (only the CNN localises with them: fusion/pretrain.py)
-    train_masks = _masks(train_ex, names) if pretrain else None
+    train_masks = training_masks(train_ex, names) if pretrain else None
     for kind in ("cnn", "vit"):
         folder = out / kind
         if pretrain:
             pre = pretrain_image_encoder(
                 kind,
                 names,
-                *_images(train_ex, names),
-                *_images(val_ex, names),
+                *training_images(train_ex, names),
+                *training_images(val_ex, names),
                 folder,
                 o.pretrain_settings,
                 o.progress,
@@ -234,7 +147,7 @@ def train_cohort(
     vit = ImageEncoder.from_pretrained(str(out / "vit"))
     if has_images and cnn.device.type == "cpu" and vit.device.type == "cpu":
         t_q = time.perf_counter()
-        train_pixels = _images(train_ex, names)[0]
+        train_pixels = training_images(train_ex, names)[0]
         cnn, vit = (quantize(enc, train_pixels) for enc in (cnn, vit))
         timings["quantize_s"] = time.perf_counter() - t_q
     text = TextEncoder.from_pretrained(settings.text_model or None)
@@ -387,17 +300,6 @@ def quantize(encoder: ImageEncoder, pixels: Sequence[np.ndarray]) -> ImageEncode
     return encoder.quantize(list(pixels[::step][:INT8_CALIBRATION_IMAGES]))
 
 
-def model_pipeline(model_dir: Path, settings: Settings, cache_url: str | None) -> Pipeline:
-    """The pipeline with the model folder's own encoders (its fine-tuned CNN and ViT)."""
-    s = settings.model_copy(
-        update={"fusion_model": str(model_dir), "cnn_model": "", "vit_model": ""}
-    )
-    pipe = Pipeline.from_settings(s)
-    if cache_url:
-        pipe.cache = EmbeddingCache(cache_url)
-    return pipe
-
-
 def scored_patients(training: dict[str, Any], split: str, keys: set[str]) -> tuple[set[str], str]:
     """Which of ``keys`` to score, and what they are: the patients held out by ``mmcds
     calibrate`` when the model was recalibrated on this folder, else the ``split`` patients when
@@ -409,39 +311,6 @@ def scored_patients(training: dict[str, Any], split: str, keys: set[str]) -> tup
     if in_split:
         return in_split, f"{split} split"
     return keys, "all"
-
-
-def _images(
-    examples: list[Example], findings: Sequence[str]
-) -> tuple[list[np.ndarray], np.ndarray]:
-    """One training image per radiograph, labelled with its patient's findings."""
-    pixels, labels = [], []
-    for ex in examples:
-        for img in ex.record.images:
-            pixels.append(img.pixels)
-            labels.append([ex.labels[f] for f in findings])
-    return pixels, np.asarray(labels, np.float32).reshape(-1, len(findings))
-
-
-def _masks(examples: list[Example], findings: Sequence[str]) -> list[dict[str, np.ndarray]]:
-    """Per training image, in ``_images`` order, its lesion masks (finding -> bool array)."""
-    out = []
-    for ex in examples:
-        for img in ex.record.images:
-            found = {}
-            for finding in findings:
-                path = ex.masks.get(f"{img.sop_uid}:{finding}")
-                if path is not None:
-                    with Image.open(path) as png:
-                        mask = np.asarray(png.convert("L")) > 127
-                    if mask.shape != img.pixels.shape:
-                        raise ValueError(
-                            f"{path} is {mask.shape}, its image {img.pixels.shape}: a mask must "
-                            "lie on its radiograph's pixel grid"
-                        )
-                    found[finding] = mask
-            out.append(found)
-    return out
 
 
 def _cohort_meta(data: Path) -> dict[str, Any]:
