@@ -12,6 +12,11 @@ def _fmt(x: Any) -> str:
     return "n/a" if x is None else f"{x:.3f}" if isinstance(x, float) else str(x)
 
 
+def _point(threshold: float | None) -> str:
+    """A threshold in force; one above any probability means the level is never raised."""
+    return "never" if threshold is not None and threshold > 1 else _fmt(threshold)
+
+
 def _localisation(training: dict[str, Any]) -> str:
     cnn = training.get("pretrain", {}).get("cnn", {})
     if not cnn.get("masked_images"):
@@ -98,7 +103,7 @@ def model_card(config: FusionConfig, val_metrics: dict[str, Any]) -> str:
     rows = "\n".join(
         f"| {f} | {m.get('positives', 'n/a')} | {_fmt(m.get('auroc'))} | {_ci(f)} | "
         f"{_fmt(m.get('auprc'))} | {_fmt(m.get('ece'))} | "
-        f"{_fmt(config.warning_threshold.get(f))} | {_fmt(config.critical_threshold.get(f))} |"
+        f"{_point(config.warning_threshold.get(f))} | {_point(config.critical_threshold.get(f))} |"
         for f, m in all_.items()
     )
     split = t.get("split", {})
@@ -152,6 +157,9 @@ is not validated for the inputs a patient brings is shown as not assessed and ne
 {_validation(config)}
 
 ## Metrics (validation split, all modalities)
+Warning and critical: the thresholds in force for a patient with every input, after the
+validation rules above ("never": the finding is not validated, or critical is not allowed).
+
 | finding | positives | AUROC | 95% CI (bootstrap) | AUPRC | ECE | warning | critical |
 |---|---|---|---|---|---|---|---|
 {rows}

@@ -305,3 +305,18 @@ def validate_subsets(
                 },
             )
     return out
+
+
+def in_force(
+    subset: SubsetValidation, findings: Sequence[str]
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Per finding, the warning and critical thresholds the service applies with this subset
+    of inputs: ``NEVER`` where the finding is not validated, or critical is not allowed."""
+    warning, critical = {}, {}
+    for f in findings:
+        check = subset.findings[f]
+        warning[f] = check.warning_threshold if check.validated else NEVER
+        critical[f] = (
+            check.critical_threshold if check.validated and check.critical_allowed else NEVER
+        )
+    return warning, critical

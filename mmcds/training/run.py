@@ -22,7 +22,7 @@ from mmcds.encoders.image import ImageEncoder
 from mmcds.encoders.labs import LabEncoder
 from mmcds.encoders.text import TextEncoder
 from mmcds.encoders.tiny import build_tiny_cnn, build_tiny_vit
-from mmcds.fusion.calibrate import Method, SiteRule, fit_calibration, operating_points
+from mmcds.fusion.calibrate import Method, SiteRule, fit_calibration
 from mmcds.fusion.data import (
     EncodedSet,
     few_positive_warnings,
@@ -38,7 +38,7 @@ from mmcds.fusion.ood import OodDetector
 from mmcds.fusion.pipeline import Pipeline, untrained_fusion
 from mmcds.fusion.pretrain import PretrainSettings, pretrain_image_encoder
 from mmcds.fusion.train import TrainSettings, predict_logits, train_fusion
-from mmcds.fusion.validation import Rules, SubsetValidation, validate_subsets
+from mmcds.fusion.validation import Rules, SubsetValidation, in_force, subset_key, validate_subsets
 from mmcds.records import MODALITIES, Modality
 from mmcds.settings import Settings
 from mmcds.store import EmbeddingCache
@@ -173,21 +173,20 @@ def train_cohort(
     cal = fit_calibration(
         val_logits, val.labels, config.findings, val.sites, o.calibration, o.site_calibration
     )
-    probs = cal.apply(val_logits, val.sites)
-    warning, critical = operating_points(
-        probs, val.labels, config.findings, o.warning_sensitivity, o.critical_specificity
-    )
     cal.aliases = {
         img.site: ex.site for ex in examples for img in ex.record.images if img.site and ex.site
     }
     config.calibration = cal.to_json()
     config.temperature = cal.temperatures
-    config.warning_threshold, config.critical_threshold = warning, critical
     rules = Rules(
         warning_sensitivity=o.warning_sensitivity, critical_specificity=o.critical_specificity
     )
     subsets = validate_subsets(model, val, cal, _modalities(encoded), rules, seed=o.seed)
     config.subsets = {k: v.to_json() for k, v in subsets.items()}
+    # The model-wide points (model card, `mmcds evaluate`) are those the service applies to a
+    # patient with every input: the full subset's, after its validation rules.
+    full = subsets[subset_key(sorted(_modalities(encoded)))]
+    config.warning_threshold, config.critical_threshold = in_force(full, config.findings)
     echo(_validation_line(subsets))
     ood = OodDetector.fit(train.encodings, val.encodings, [ex.record for ex in train_ex])
     config.trained = True

@@ -30,6 +30,7 @@ from mmcds.fusion.model import FusionModel, batch_from_encodings, is_current
 from mmcds.fusion.pretrain import PretrainSettings, localisation_loss, mask_targets
 from mmcds.fusion.report_html import render
 from mmcds.fusion.train import TrainSettings, predict_logits
+from mmcds.fusion.validation import NEVER, SubsetValidation, in_force, subset_key
 from mmcds.settings import Settings
 from mmcds.training.run import TrainOptions
 
@@ -329,6 +330,15 @@ def test_train_and_evaluate_from_a_generated_cohort(tmp_path: Path) -> None:
     assert vit_log["masked_images"] == 0  # no class activation map to localise with
     card = (out / "README.md").read_text()
     assert "fine-tuned" in card and f"the {cnn_log['masked_images']} training images" in card
+    # the model-wide points are the ones the service applies with every input (a 16-patient
+    # cohort validates nothing, so none may alarm: no card or table may say otherwise)
+    full = SubsetValidation.from_json(config.subsets[subset_key(config.modalities)])
+    assert (config.warning_threshold, config.critical_threshold) == in_force(full, config.findings)
+    for f in config.findings:
+        if not full.findings[f].validated:
+            assert config.warning_threshold[f] == config.critical_threshold[f] == NEVER
+            rows = [line for line in card.splitlines() if line.startswith(f"| {f} |")]
+            assert any(row.endswith("| never | never |") for row in rows)  # metrics table
     pipe = Pipeline.from_settings(settings.model_copy(update={"fusion_model": str(out)}))
     assert pipe.cnn.model_id.startswith("cnn@") and pipe.vit.model_id.startswith("vit@")
     assert config.encoder_ids["image"] == f"{pipe.cnn.model_id}+{pipe.vit.model_id}"
