@@ -8,6 +8,8 @@ import io
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from mmcds.records import ImageSaliency, rescale_box, review_shape
+
 # A perceptually ordered map (dark purple -> orange -> yellow, like "inferno"), so more colour
 # reads as more evidence in grey-scale prints too; rainbow maps invent edges that are not there.
 _ANCHORS = np.array(
@@ -15,9 +17,6 @@ _ANCHORS = np.array(
 )
 SHOW_FROM = 0.2  # below this fraction of the maximum the image is left uncoloured
 LEGEND_W = 56
-# Overlays are for review on a screen: a 3,000 px radiograph composed at full size took ~5 s and
-# 20 MB of PNG per map (and no FHIR server takes that inline); 1,024 px is enough to see where.
-REVIEW_MAX_SIDE = 1024
 
 
 def colour_map(values: np.ndarray) -> np.ndarray:
@@ -36,47 +35,32 @@ def window(pixels: np.ndarray) -> np.ndarray:
     return (np.clip(scaled, 0, 1) * 255).astype(np.uint8)
 
 
-def _shrink(
-    pixels: np.ndarray,
-    heatmap: np.ndarray,
-    boxes: list[tuple[int, int, int, int, float]],
-    max_side: int,
-) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int, int, int, float]]]:
-    """Image, heatmap and boxes scaled together so the longest side is at most ``max_side``."""
+def review_grey(pixels: np.ndarray) -> np.ndarray:
+    """The image on its review grid (``records.review_shape``: at most ``REVIEW_MAX_SIDE`` px a
+    side), windowed to grey uint8: the base of every overlay of that image, made once per image.
+    Overlays are for review on a screen: a 3,000 px radiograph composed at full size took ~5 s
+    and 20 MB of PNG per map (and no FHIR server takes that inline)."""
+    grid = review_shape(pixels.shape[:2])
+    arr = np.asarray(pixels, dtype=np.float32)
+    if grid != arr.shape[:2]:
+        img = Image.fromarray(arr, "F")
+        size = (grid[1], grid[0])
+        arr = np.asarray(img.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0))
+    return window(arr)
+
+
+def overlay_png(grey: np.ndarray, saliency: ImageSaliency, title: str, alpha: float = 0.5) -> bytes:
+    """PNG bytes: ``grey`` (the image's ``review_grey``) + the saliency's colour map (alpha
+    scaled by the heatmap) + its boxes + a legend, on the heatmap's (review) grid."""
+    heatmap = saliency.heatmap
+    if grey.shape[:2] != heatmap.shape:
+        raise ValueError(f"heatmap {heatmap.shape} is not on the image's grid {grey.shape[:2]}")
     h, w = heatmap.shape
-    scale = max_side / max(h, w)
-    if scale >= 1:
-        return pixels, heatmap, boxes
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-
-    def resized(a: np.ndarray) -> np.ndarray:
-        img = Image.fromarray(np.asarray(a, dtype=np.float32), "F")
-        return np.asarray(img.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0))
-
-    scaled = [(round(x0 * scale), round(y0 * scale), round(x1 * scale), round(y1 * scale), s)
-              for x0, y0, x1, y1, s in boxes]  # fmt: skip
-    return resized(pixels), resized(heatmap), scaled
-
-
-def overlay_png(
-    pixels: np.ndarray,
-    heatmap: np.ndarray,
-    boxes: list[tuple[int, int, int, int, float]],
-    title: str,
-    alpha: float = 0.5,
-    max_side: int = REVIEW_MAX_SIDE,
-) -> bytes:
-    """PNG bytes: image + colour map (alpha scaled by the heatmap) + boxes + legend, at most
-    ``max_side`` pixels on the image's longest side (boxes scaled with it)."""
-    if pixels.shape[:2] != heatmap.shape:
-        raise ValueError(f"heatmap {heatmap.shape} is not on the image grid {pixels.shape[:2]}")
-    pixels, heatmap, boxes = _shrink(pixels, heatmap, boxes, max_side)
-    grey = window(np.asarray(pixels, dtype=np.float32))
+    boxes = [rescale_box(b, saliency.original_shape, (h, w)) for b in saliency.boxes]
     base = np.repeat(grey[..., None], 3, axis=2).astype(np.float32)
     heat = np.clip(heatmap, 0, 1)
     a = np.where(heat >= SHOW_FROM, alpha * heat, 0.0)[..., None]
     mixed = (base * (1 - a) + colour_map(heat).astype(np.float32) * a).astype(np.uint8)
-    h, w = heat.shape
     canvas = Image.new("RGB", (w + LEGEND_W, max(h, 120)), (255, 255, 255))
     canvas.paste(Image.fromarray(mixed, "RGB"), (0, 0))
     draw = ImageDraw.Draw(canvas)
