@@ -19,13 +19,24 @@ SHOW_FROM = 0.2  # below this fraction of the maximum the image is left uncolour
 LEGEND_W = 56
 
 
-def colour_map(values: np.ndarray) -> np.ndarray:
-    """(…,) in [0, 1] -> (…, 3) uint8."""
+def _interpolate_anchors(values: np.ndarray) -> np.ndarray:
     pos = np.clip(values, 0, 1) * (len(_ANCHORS) - 1)
     lo = np.floor(pos).astype(int).clip(0, len(_ANCHORS) - 2)
     frac = (pos - lo)[..., None]
     rgb = _ANCHORS[lo] * (1 - frac) + _ANCHORS[lo + 1] * frac
     return rgb.astype(np.uint8)
+
+
+# The map at 1,024 levels, looked up rather than interpolated per pixel (a tenth of the time on
+# a review-size overlay; steps of 0.1% of the range do not show).
+_LEVELS = 1024
+_TABLE = _interpolate_anchors(np.linspace(0, 1, _LEVELS))
+
+
+def colour_map(values: np.ndarray) -> np.ndarray:
+    """(…,) in [0, 1] -> (…, 3) uint8."""
+    index = np.rint(np.clip(np.nan_to_num(values), 0, 1) * (_LEVELS - 1)).astype(np.intp)
+    return _TABLE[index]
 
 
 def window(pixels: np.ndarray) -> np.ndarray:
