@@ -105,7 +105,7 @@ def _overlays(analysis: Analysis, explanation: Explanation) -> list[tuple[str, s
     return [
         (s.finding, s.sop_uid, s.overlay_png)
         for s in explanation.images
-        if s.overlay_png is not None and s.method.endswith("-cnn")  # any CNN explainer version
+        if s.overlay_png is not None and s.in_report
     ]
 
 

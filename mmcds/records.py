@@ -247,6 +247,12 @@ class ImageSaliency:
     image_shape: tuple[int, int] | None = None
 
     @property
+    def in_report(self) -> bool:
+        """Whether the report carries this map as an overlay PNG: the CNN's (any explainer
+        version). Only those are composed; the review page draws every map from its heatmap."""
+        return self.method.endswith("-cnn")
+
+    @property
     def original_shape(self) -> tuple[int, int]:
         """(H, W) of the image the boxes are in."""
         if self.image_shape is not None:

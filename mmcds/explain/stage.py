@@ -113,9 +113,13 @@ def explain_images(
     images = analysis.record.images
     maps = image_saliency(pipeline.cnn, pipeline.vit, pipeline.fusion, batch, images)
     if overlays:
-        shown = {m.sop_uid for m in maps}  # images past the model's cap have no maps
+        # Only the overlays the report carries: the review page draws every map (the ViT's
+        # too) from its heatmap, and composing the 4 unread ViT PNGs took ~0.3 s of a
+        # full-size analysis.
+        reported = [s for s in maps if s.in_report]
+        shown = {s.sop_uid for s in reported}  # images past the model's cap have no maps
         grey = {im.sop_uid: review_grey(im.pixels) for im in images if im.sop_uid in shown}
-        for s in maps:
+        for s in reported:
             s.overlay_png = overlay_png(grey[s.sop_uid], s, f"{display(s.finding)} - {s.method}")
     return maps
 

@@ -246,7 +246,11 @@ def explanation_blobs(explanation: Explanation) -> list[tuple[str, str, bytes]]:
 
 def _pixels_png(pixels: np.ndarray) -> bytes:
     """[0, 1] float pixels as a lossless 16-bit grey PNG: the review page windows it."""
-    grey = (np.clip(np.nan_to_num(pixels), 0, 1) * 65535).round().astype(np.uint16)
+    # in place on one float32 copy: five temporaries of a full-size image cost ~0.2 s
+    scaled = np.nan_to_num(np.asarray(pixels, dtype=np.float32), copy=True)
+    np.clip(scaled, 0, 1, out=scaled)
+    scaled *= 65535
+    grey = np.rint(scaled, out=scaled).astype(np.uint16)
     buf = io.BytesIO()
     # zlib level 1: a 3,000 x 2,500 radiograph took 3 s at the default 6 (per image, on the
     # analysis's path); lossless either way
