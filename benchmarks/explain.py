@@ -118,7 +118,7 @@ def score_maps(maps: list[ImageSaliency], ex: Example, scores: Scores) -> None:
         mask = np.asarray(Image.open(path)) > 0
         if not mask.any():
             continue
-        y, x = np.unravel_index(int(np.argmax(s.heatmap)), s.heatmap.shape)
+        y, x = s.peak()  # original pixels, as the mask is (heatmaps live on the review grid)
         hit = float(mask[y, x]) if s.heatmap.max() > 0 else 0.0
         off = float(ndimage.distance_transform_edt(~mask)[y, x]) / mask.shape[1]
         iou = box_iou(s.boxes[0][:4], mask) if s.boxes else 0.0

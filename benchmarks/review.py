@@ -109,7 +109,7 @@ def main() -> None:
                         args.requests,
                     )
                 )
-                results["image_size"] = list(image.heatmap.shape)
+                results["image_size"] = list(image.original_shape)
     print(json.dumps(results, indent=1))
 
 

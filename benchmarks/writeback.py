@@ -7,7 +7,8 @@ images, the baseline) and with the radiograph resampled to full size (real CR/DX
 2,000-3,000 px a side). Each patient is analysed once through ``AnalysisService.analyse`` (the
 hook's path: gather, encode, fuse, explain, report bundle, outbox, write-back), with nothing
 cached. Prints JSON: p50/p95 of the whole analysis per size, the share spent composing overlays
-(``overlay_png``) and on the report bundle + write-back, and full-size/baseline ratios.
+(``review_grey`` once per image, ``overlay_png`` per map) and on the report bundle +
+write-back, and full-size/baseline ratios.
 The models are the tiny local ones the tests use (``Settings`` defaults under a temp folder).
 """
 
@@ -84,6 +85,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     explain_stage.overlay_png = timed("overlays", explain_stage.overlay_png)  # type: ignore[attr-defined]
+    explain_stage.review_grey = timed("overlays", explain_stage.review_grey)  # type: ignore[attr-defined]
     analysis_module.report_bundle = timed("report", analysis_module.report_bundle)  # type: ignore[attr-defined]
     AnalysisService.write_back = timed("write_back", AnalysisService.write_back)  # type: ignore[method-assign]
 

@@ -20,6 +20,7 @@ from typing import Any
 from PIL import Image
 
 from mmcds.errors import InputRejected
+from mmcds.explain.overlay import fit_png
 
 #: Resource types that carry the overlays; everything else is the report proper.
 OVERLAY_TYPES = ("Binary", "Media")
@@ -42,19 +43,15 @@ class BundleLimits:
 
 def review_png(png: bytes, limits: BundleLimits) -> bytes:
     """``png`` at most ``overlay_max_side`` px on its longest side, and small enough that its
-    base64 fits one string: re-encoded (palette of 256 colours) only when it is not already."""
+    base64 fits one string: re-encoded (``fit_png``) only when it is not already (overlays are
+    composed to the default budget, so only a stricter server's limits re-encode them)."""
     budget = limits.max_string_bytes * 3 // 4 - 64  # base64 is 4/3 of the bytes
     with Image.open(io.BytesIO(png)) as im:
         if max(im.size) <= limits.overlay_max_side and len(png) <= budget:
             return png
         img = im.convert("RGB")
     img.thumbnail((limits.overlay_max_side, limits.overlay_max_side), Image.Resampling.LANCZOS)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    if buf.tell() > budget:
-        buf = io.BytesIO()
-        img.quantize(colors=256, method=Image.Quantize.FASTOCTREE).save(buf, format="PNG")
-    return buf.getvalue()
+    return fit_png(img, budget)
 
 
 def _strings(node: Any, path: str) -> Iterator[tuple[str, int]]:

@@ -4,7 +4,9 @@ The Bundle holds the AI ``Device``, one ``Observation`` per finding, the ``Diagn
 (status ``preliminary``) and a ``Provenance`` naming the Device as author and the inputs as
 entities (HL7 AI Transparency on FHIR). Every resource carries the AIAST security label. The
 report's identifier is a hash of model version + input hashes and is created with
-``ifNoneExist``, so sending the same analysis twice creates one report.
+``ifNoneExist``, so sending the same analysis twice creates one report; so are the
+Observations and the overlays' ``Media``, while the overlays' ``Binary`` and the ``Provenance``
+(no identifier to search by) are written with ``PUT`` at ids made from the report's identifier.
 
 Each resource is validated against the R4 (``fhir.resources.R4B``) models before it is sent.
 """
@@ -103,7 +105,7 @@ def _overlays(analysis: Analysis, explanation: Explanation) -> list[tuple[str, s
     return [
         (s.finding, s.sop_uid, s.overlay_png)
         for s in explanation.images
-        if s.overlay_png is not None and s.method.endswith("-cnn")  # any CNN explainer version
+        if s.overlay_png is not None and s.in_report
     ]
 
 
@@ -115,15 +117,16 @@ def _overlay_entries(ctx: _Context, explanation: Explanation) -> tuple[list[Any]
     for name, sop_uid, png in _overlays(ctx.analysis, explanation):
         png = review_png(png, ctx.limits)
         binary_urn, media_urn = _urn(), _urn()
+        overlay_id = f"{ctx.analysis.identifier}:{name}:{sop_uid}"
         binary = {
             "resourceType": "Binary",
+            "id": _stable_id(ctx, hashlib.sha256(overlay_id.encode()).hexdigest()[:16]),
             "meta": _meta(),
             "contentType": "image/png",
             "securityContext": {"reference": ctx.report_urn},
             "data": base64.b64encode(png).decode(),
         }
         title = f"AI saliency (preliminary): {display(name)}, image {sop_uid}"
-        overlay_id = f"{ctx.analysis.identifier}:{name}:{sop_uid}"
         media = {
             "resourceType": "Media",
             "meta": _meta(),
@@ -151,7 +154,7 @@ def _overlay_entries(ctx: _Context, explanation: Explanation) -> tuple[list[Any]
             },
             "note": [{"text": "Heatmap of what moved the model's score; not proof of disease."}],
         }
-        entries.append(_entry(binary_urn, binary))
+        entries.append(_put(binary_urn, binary))
         condition = f"identifier={OVERLAY_SYSTEM}|{overlay_id}"
         entries.append(_entry(media_urn, media, ifNoneExist=condition))
         links.append({"comment": title, "link": {"reference": media_urn}})
@@ -164,6 +167,21 @@ def _entry(urn: str, resource: dict[str, Any], **request: str) -> dict[str, Any]
         "resource": resource,
         "request": {"method": "POST", "url": resource["resourceType"], **request},
     }
+
+
+def _stable_id(ctx: _Context, part: str) -> str:
+    """A resource id of this analysis (its identifier and ``part``; FHIR ids take 64 of
+    ``[A-Za-z0-9.-]``, and a letter first keeps servers that refuse numeric client ids happy)."""
+    return f"mmcds-{ctx.analysis.identifier}-{part}"
+
+
+def _put(urn: str, resource: dict[str, Any]) -> dict[str, Any]:
+    """Update-as-create at the resource's own ``id``: how a resource with no identifier to search
+    by (a Binary, a Provenance) is written once, however many senders race. Two deployments with
+    separate outboxes each send the transaction; ``ifNoneExist`` keeps one report, Observation
+    and Media, and these land on the same id (a new version of the same resource)."""
+    url = f"{resource['resourceType']}/{resource['id']}"
+    return {"fullUrl": urn, "resource": resource, "request": {"method": "PUT", "url": url}}
 
 
 def _device_entry(ctx: _Context) -> dict[str, Any]:
@@ -262,6 +280,7 @@ def _report(
 def _provenance(ctx: _Context, results: list[dict[str, str]]) -> dict[str, Any]:
     provenance: dict[str, Any] = {
         "resourceType": "Provenance",
+        "id": _stable_id(ctx, "provenance"),
         "meta": _meta(),
         "target": [{"reference": ctx.report_urn}, *results],
         "recorded": ctx.issued,
@@ -312,7 +331,7 @@ def report_bundle(
     report = _report(ctx, explanation, results, media_links)
     identifier = f"identifier={REPORT_SYSTEM}|{analysis.identifier}"
     entries.append(_entry(ctx.report_urn, report, ifNoneExist=identifier))
-    entries.append(_entry(_urn(), _provenance(ctx, results)))
+    entries.append(_put(_urn(), _provenance(ctx, results)))
     bundle = fit_bundle({"resourceType": "Bundle", "type": "transaction", "entry": entries}, limits)
     Bundle.model_validate(bundle)  # fail here, with the field named, not at the EHR
     return bundle

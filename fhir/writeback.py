@@ -4,8 +4,9 @@ One delivery attempt, exactly-once by construction:
 
 1. **Already there?** Search the report's deterministic identifier first. A transaction whose
    answer was lost (timeout, a process killed before it recorded success) has landed; resending
-   it would create its Observations' siblings again (``ifNoneExist`` guards the report, the
-   Observations and the Media, but a Binary or a Provenance has no identifier to search by).
+   it would only add versions (``ifNoneExist`` guards the report, the Observations and the
+   Media; the Binary and the Provenance, which have no identifier to search by, are written with
+   PUT at ids derived from the analysis, so a second sender updates rather than duplicates them).
 2. **Supersede.** Earlier *preliminary* reports of this service for the patient are marked
    ``entered-in-error`` (with their Observations), in the same transaction, and the new
    report's Provenance names each as a ``revision`` entity. Reports a clinician has made

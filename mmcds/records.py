@@ -197,21 +197,76 @@ class Assessment:
 # --- explanations (explain stage) ------------------------------------------------------------
 
 
+#: Longest side of an image's review grid, in pixels. Heatmaps and overlays of a larger image
+#: live on that image scaled down to it: a 3,000 px radiograph's heatmaps on the full grid took
+#: 30 MB each and most of a full-size analysis's time (boxes, resampling, storing), while the
+#: model sees 224 px and a screen shows ~1,000; 1,024 px is enough to see where.
+REVIEW_MAX_SIDE = 1024
+
+#: ``(x0, y0, x1, y1, score)``: a box in pixels, ``x1``/``y1`` exclusive.
+Box = tuple[int, int, int, int, float]
+
+
+def review_shape(shape: tuple[int, int], max_side: int = REVIEW_MAX_SIDE) -> tuple[int, int]:
+    """The review grid of an image of ``shape`` (H, W): scaled by one factor so the longest side
+    is at most ``max_side``; the image's own grid when it is no larger."""
+    h, w = int(shape[0]), int(shape[1])
+    scale = max_side / max(h, w, 1)
+    if scale >= 1:
+        return h, w
+    return max(1, round(h * scale)), max(1, round(w * scale))
+
+
+def rescale_box(box: Box, src: tuple[int, int], dst: tuple[int, int]) -> Box:
+    """``box`` on a grid of shape ``src`` (H, W) onto a grid of shape ``dst`` covering the same
+    image: each edge to the nearest pixel boundary, so a round trip returns the box."""
+    x0, y0, x1, y1, score = box
+    fy, fx = dst[0] / src[0], dst[1] / src[1]
+    return (round(x0 * fx), round(y0 * fy), round(x1 * fx), round(y1 * fy), score)
+
+
 @dataclass
 class ImageSaliency:
     """Where in one image one finding's score came from.
 
-    ``heatmap`` is float32 in [0, 1] on the image's *original* pixel grid (``ImageInput.pixels``
-    shape); 0 also where the model's preprocessing cropped the image away. ``boxes`` are
-    ``(x0, y0, x1, y1, score)`` in original pixels, ``x1``/``y1`` exclusive, best first.
+    ``heatmap`` is float32 in [0, 1] on the image's *review grid* (``review_shape`` of
+    ``image_shape``): the original pixel grid for an image of at most ``REVIEW_MAX_SIDE`` px, the
+    image scaled down to it otherwise (heatmap pixel ``(i, j)`` covers original pixels
+    ``[i H/h, (i+1) H/h) x [j W/w, (j+1) W/w)``); 0 also where the model's preprocessing cropped
+    the image away. ``boxes`` are ``(x0, y0, x1, y1, score)`` in *original* pixels, ``x1``/``y1``
+    exclusive, best first. ``image_shape`` is the original (H, W) (``ImageInput.pixels``); None
+    (analyses stored before it existed) means the heatmap's own shape.
     """
 
     sop_uid: str
     finding: str
     method: str  # "gradcam-occlusion-cnn" or "grad-rollout-vit"
     heatmap: np.ndarray
-    boxes: list[tuple[int, int, int, int, float]] = field(default_factory=list)
+    boxes: list[Box] = field(default_factory=list)
     overlay_png: bytes | None = None
+    image_shape: tuple[int, int] | None = None
+
+    @property
+    def in_report(self) -> bool:
+        """Whether the report carries this map as an overlay PNG: the CNN's (any explainer
+        version). Only those are composed; the review page draws every map from its heatmap."""
+        return self.method.endswith("-cnn")
+
+    @property
+    def original_shape(self) -> tuple[int, int]:
+        """(H, W) of the image the boxes are in."""
+        if self.image_shape is not None:
+            return self.image_shape
+        return int(self.heatmap.shape[0]), int(self.heatmap.shape[1])
+
+    def peak(self) -> tuple[int, int]:
+        """``(y, x)`` of the heatmap's maximum in original pixels (its grid cell's centre)."""
+        h, w = self.heatmap.shape
+        i, j = np.unravel_index(int(np.argmax(self.heatmap)), (h, w))
+        big_h, big_w = self.original_shape
+        y = min(big_h - 1, max(0, round((int(i) + 0.5) * big_h / h - 0.5)))
+        x = min(big_w - 1, max(0, round((int(j) + 0.5) * big_w / w - 0.5)))
+        return y, x
 
 
 #: Which way a piece of evidence moved a finding's score (the sign of its attribution).

@@ -21,8 +21,10 @@ What each heatmap explains:
 - ViT: the fusion logit, differentiated through the image token.
 
 Both live on the model's input grid (after the checkpoint's resize and any crop), so each is
-mapped back to the original pixel grid through the preprocessing geometry, probed once per image
-shape (``probe_geometry``) rather than re-derived from each processor's options.
+mapped back onto the image's review grid (``records.review_shape``: the original pixel grid, or
+the image scaled to 1,024 px for larger ones; boxes are found there and reported in original
+pixels) through the preprocessing geometry, probed once per image shape (``probe_geometry``)
+rather than re-derived from each processor's options.
 
 - ViT: gradient-weighted attention rollout (Chefer et al. 2021): per layer the positive part of
   gradient x attention, averaged over heads, accumulated as ``R <- R + A R`` from identity.
@@ -42,7 +44,7 @@ from scipy import ndimage
 
 from mmcds.encoders.image import FeatureMaps, ImageEncoder
 from mmcds.fusion.model import FusionBatch, FusionModel
-from mmcds.records import ImageInput, ImageSaliency
+from mmcds.records import Box, ImageInput, ImageSaliency, rescale_box, review_shape
 
 # What the CNN heatmap is: the default, or one of its two parts (for the benchmark's ablation).
 CnnHeatmap = Literal["gradcam-occlusion", "gradcam", "occlusion"]
@@ -83,15 +85,13 @@ def _fit_axis(values: np.ndarray, length: int) -> tuple[float, float]:
 
 def _probe(encoder: ImageEncoder, shape: tuple[int, int]) -> Geometry:
     h, w = shape
-    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
-    ramps = [
-        (xs + 0.5) / w,
-        (ys + 0.5) / h,
-        np.zeros(shape, np.float32),
-        np.ones(shape, np.float32),
-    ]
-    out = encoder.preprocess(ramps)[:, 0].double().numpy()  # channel 0; all channels alike
-    lo, hi = out[2].mean(), out[3].mean()  # undo the processor's mean/std normalisation
+    ramp_x = np.broadcast_to(((np.arange(w) + 0.5) / w).astype(np.float32)[None, :], shape)
+    ramp_y = np.broadcast_to(((np.arange(h) + 0.5) / h).astype(np.float32)[:, None], shape)
+    out = encoder.preprocess([ramp_x, ramp_y])[:, 0].double().numpy()
+    # The processor's mean/std normalisation, to undo: a flat image stays flat through any
+    # resize and crop, so two small ones give it (two full-size ones cost seconds at 3,000 px).
+    flat = encoder.preprocess([np.zeros((16, 16), np.float32), np.ones((16, 16), np.float32)])
+    lo, hi = (float(v) for v in flat[:, 0].double().mean(dim=(1, 2)))  # channel 0; all alike
     ramp_x, ramp_y = (out[0] - lo) / (hi - lo), (out[1] - lo) / (hi - lo)
     sx, ox = _fit_axis(np.median(ramp_x, axis=0), w)
     sy, oy = _fit_axis(np.median(ramp_y, axis=1), h)
@@ -106,22 +106,39 @@ def probe_geometry(encoder: ImageEncoder, shape: tuple[int, int]) -> Geometry:
     return _probe_cached(encoder, (int(shape[0]), int(shape[1])))
 
 
-def to_original(low: torch.Tensor, geometry: Geometry, shape: tuple[int, int]) -> np.ndarray:
-    """Resample a (h, w) map covering the model input onto the original (H, W) grid.
+def _axis_weights(
+    n_out: int, length: int, n_low: int, scale: float, offset: float, n_in: int
+) -> np.ndarray:
+    """(n_out, n_low) bilinear weights, zero outside the map: a map of ``n_low`` cells covering
+    the model input's ``n_in`` pixels, sampled at the centres of ``n_out`` cells covering the
+    original ``length`` pixels along one axis (``Geometry``: original = scale * input + offset)."""
+    orig = (np.arange(n_out) + 0.5) * (length / n_out) - 0.5  # cell centre, original pixels
+    u = (orig - offset) / scale  # -> model input pixel
+    pos = (u + 0.5) * (n_low / n_in) - 0.5  # -> map cell (align_corners=False)
+    lo = np.floor(pos).astype(np.int64)
+    frac = pos - lo
+    weights = np.zeros((n_out, n_low))
+    rows = np.arange(n_out)
+    for idx, wt in ((lo, 1 - frac), (lo + 1, frac)):
+        inside = (idx >= 0) & (idx < n_low)  # zero padding: what lies outside the map adds 0
+        weights[rows[inside], idx[inside]] += wt[inside]
+    return weights
 
-    Bilinear on the low-resolution map; zero where the preprocessing cropped the image away.
-    """
-    H, W = shape
+
+def to_grid(
+    low: torch.Tensor, geometry: Geometry, shape: tuple[int, int], grid: tuple[int, int]
+) -> np.ndarray:
+    """Resample a (h, w) map covering the model input onto ``grid``, a grid of cells covering
+    the original image of ``shape`` (its review grid, or ``shape`` itself for the pixel grid).
+
+    Bilinear on the low-resolution map, zero where the preprocessing cropped the image away:
+    what ``grid_sample`` computes, done as two small matrix products because bilinear
+    weights are separable (a 7.5-megapixel sampling grid took seconds to build)."""
     in_h, in_w = geometry.input_hw
-    ys = (np.arange(H) - geometry.offset_y) / geometry.scale_y  # original -> input pixel
-    xs = (np.arange(W) - geometry.offset_x) / geometry.scale_x
-    gy = torch.from_numpy(2 * (ys + 0.5) / in_h - 1).float()  # -> [-1, 1], align_corners=False
-    gx = torch.from_numpy(2 * (xs + 0.5) / in_w - 1).float()
-    grid = torch.stack(torch.meshgrid(gy, gx, indexing="ij")[::-1], dim=-1)[None]
-    out = F.grid_sample(
-        low[None, None].float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False
-    )
-    return out[0, 0].numpy().astype(np.float32)
+    h, w = low.shape[-2:]
+    wy = _axis_weights(grid[0], shape[0], h, geometry.scale_y, geometry.offset_y, in_h)
+    wx = _axis_weights(grid[1], shape[1], w, geometry.scale_x, geometry.offset_x, in_w)
+    return (wy @ low.detach().double().cpu().numpy() @ wx.T).astype(np.float32)
 
 
 def normalise(heat: np.ndarray) -> np.ndarray:
@@ -131,20 +148,26 @@ def normalise(heat: np.ndarray) -> np.ndarray:
 
 def boxes_from_heatmap(
     heat: np.ndarray, threshold: float = BOX_THRESHOLD, top: int = MAX_BOXES
-) -> list[tuple[int, int, int, int, float]]:
-    """Boxes around the connected regions where ``heat >= threshold * max``, best peak first."""
+) -> list[Box]:
+    """Boxes around the connected regions where ``heat >= threshold * max``, best peak first,
+    in ``heat``'s pixels."""
     if heat.size == 0 or float(heat.max()) <= 0:
         return []
-    labels, n = ndimage.label(heat >= threshold * float(heat.max()))
+    inside = heat >= threshold * float(heat.max())
+    labels, n = ndimage.label(inside)
     if n == 0:
         return []
-    peaks = ndimage.maximum(heat, labels, index=np.arange(1, n + 1))
+    # each region's peak in one pass over its pixels (ndimage.maximum sorts the label image)
+    peaks = np.zeros(n + 1, heat.dtype)
+    np.maximum.at(peaks, labels[inside], heat[inside])
     slices = ndimage.find_objects(labels)
-    order = np.argsort(-np.asarray(peaks))[:top]
+    order = np.argsort(-peaks[1:], kind="stable")[:top]
     boxes = []
     for i in order:
         sy, sx = slices[i]
-        boxes.append((int(sx.start), int(sy.start), int(sx.stop), int(sy.stop), float(peaks[i])))
+        boxes.append(
+            (int(sx.start), int(sy.start), int(sx.stop), int(sy.stop), float(peaks[i + 1]))
+        )
     return boxes
 
 
@@ -276,15 +299,16 @@ def _cnn_heatmap(
     j: int,
     geometry: Geometry,
     shape: tuple[int, int],
+    grid: tuple[int, int],
 ) -> np.ndarray:
-    """The CNN heatmap on the original grid: Grad-CAM, occlusion (target ``j``), or both."""
+    """The CNN heatmap on ``grid``: Grad-CAM, occlusion (target ``j``), or both."""
     if kind == "gradcam":
-        return normalise(to_original(cam, geometry, shape))
+        return normalise(to_grid(cam, geometry, shape, grid))
     assert occluded is not None
-    occlusion = normalise(to_original(occluded[j], geometry, shape))
+    occlusion = normalise(to_grid(occluded[j], geometry, shape, grid))
     if kind == "occlusion":
         return occlusion
-    grad_cam = normalise(to_original(cam, geometry, shape))
+    grad_cam = normalise(to_grid(cam, geometry, shape, grid))
     return normalise(np.sqrt(grad_cam * occlusion))
 
 
@@ -383,14 +407,15 @@ def image_saliency(
         roll = _rollout(atts, [g.float() for g in grads[n_s:]], vmaps.grid, vit.pooling == "cls")
         for k, im in enumerate(images):
             shape = (int(im.pixels.shape[0]), int(im.pixels.shape[1]))
+            grid = review_shape(shape)
             for method, heat in (
                 (
                     f"{cnn_heatmap}-cnn",
-                    _cnn_heatmap(cnn_heatmap, cam[k], occluded[k], j, geo_c[k], shape),
+                    _cnn_heatmap(cnn_heatmap, cam[k], occluded[k], j, geo_c[k], shape, grid),
                 ),
-                (VIT_METHOD, normalise(to_original(roll[k], geo_v[k], shape))),
+                (VIT_METHOD, normalise(to_grid(roll[k], geo_v[k], shape, grid))),
             ):
-                out.append(
-                    ImageSaliency(im.sop_uid, names[f], method, heat, boxes_from_heatmap(heat))
-                )
+                # boxes found on the review grid, reported in original pixels
+                boxes = [rescale_box(b, grid, shape) for b in boxes_from_heatmap(heat)]
+                out.append(ImageSaliency(im.sop_uid, names[f], method, heat, boxes, None, shape))
     return out

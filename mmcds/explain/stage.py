@@ -18,7 +18,7 @@ import pandas as pd
 from mmcds.encoders.labs import empty_lab_frame
 from mmcds.explain.attribution import lab_shapley, modality_shapley
 from mmcds.explain.image import image_saliency
-from mmcds.explain.overlay import overlay_png
+from mmcds.explain.overlay import overlay_png, review_grey
 from mmcds.explain.summary import summary_html, summary_line, summary_markdown
 from mmcds.explain.text import evidence_spans
 from mmcds.findings import display
@@ -113,10 +113,14 @@ def explain_images(
     images = analysis.record.images
     maps = image_saliency(pipeline.cnn, pipeline.vit, pipeline.fusion, batch, images)
     if overlays:
-        by_uid = {im.sop_uid: im for im in images}
-        for s in maps:
-            title = f"{display(s.finding)} - {s.method}"
-            s.overlay_png = overlay_png(by_uid[s.sop_uid].pixels, s.heatmap, s.boxes, title)
+        # Only the overlays the report carries: the review page draws every map (the ViT's
+        # too) from its heatmap, and composing the 4 unread ViT PNGs took ~0.3 s of a
+        # full-size analysis.
+        reported = [s for s in maps if s.in_report]
+        shown = {s.sop_uid for s in reported}  # images past the model's cap have no maps
+        grey = {im.sop_uid: review_grey(im.pixels) for im in images if im.sop_uid in shown}
+        for s in reported:
+            s.overlay_png = overlay_png(grey[s.sop_uid], s, f"{display(s.finding)} - {s.method}")
     return maps
 
 

@@ -32,8 +32,6 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
-
 from mmcds.explain.wording import PP_DEFINITION, evidence_phrase, lab_phrase, plain_reason, pp
 from mmcds.findings import display
 from mmcds.records import (
@@ -126,7 +124,7 @@ def _peak_in_top_box(inner: ImageSaliency, outer: ImageSaliency) -> bool:
     """Whether ``inner``'s heatmap maximum lies inside ``outer``'s top box."""
     if not outer.boxes or inner.heatmap.size == 0:
         return False
-    y, x = (int(v) for v in np.unravel_index(int(np.argmax(inner.heatmap)), inner.heatmap.shape))
+    y, x = inner.peak()  # original pixels, as the boxes are
     x0, y0, x1, y1, _ = outer.boxes[0]
     return x0 <= x < x1 and y0 <= y < y1
 
@@ -164,7 +162,7 @@ def evidence_for(
     if heat:
         best = max(heat, key=lambda s: s.boxes[0][4] if s.method.endswith("cnn") else -1.0)
         x0, y0, x1, y1, _ = best.boxes[0]
-        h, w = best.heatmap.shape
+        h, w = best.original_shape
         vertical = (
             "upper" if (y0 + y1) / 2 < h / 3 else "lower" if (y0 + y1) / 2 > 2 * h / 3 else "mid"
         )

@@ -181,6 +181,7 @@ def explanation_json(explanation: Explanation) -> dict[str, Any]:
                 "finding": s.finding,
                 "method": s.method,
                 "boxes": [list(b) for b in s.boxes],
+                "image_shape": list(s.original_shape),
                 "heatmap": _blob_name(s, "heatmap"),
                 "overlay": _blob_name(s, "overlay") if s.overlay_png else None,
             }
@@ -220,7 +221,13 @@ def explanation_from_json(data: dict[str, Any], blobs: dict[str, bytes]) -> Expl
         heat = np.load(io.BytesIO(blobs[s["heatmap"]]), allow_pickle=False)
         boxes = [(int(b[0]), int(b[1]), int(b[2]), int(b[3]), float(b[4])) for b in s["boxes"]]
         overlay = blobs.get(s["overlay"]) if s["overlay"] else None
-        images.append(ImageSaliency(s["sop_uid"], s["finding"], s["method"], heat, boxes, overlay))
+        # stored before heatmaps moved to the review grid: they are on the original grid
+        shape = tuple(s.get("image_shape") or heat.shape)
+        images.append(
+            ImageSaliency(
+                s["sop_uid"], s["finding"], s["method"], heat, boxes, overlay, (shape[0], shape[1])
+            )
+        )
     labs = [
         LabContribution(**{**c, "time": datetime.fromisoformat(c["time"]) if c["time"] else None})
         for c in data["labs"]
@@ -250,9 +257,15 @@ def explanation_blobs(explanation: Explanation) -> list[tuple[str, str, bytes]]:
 
 def _pixels_png(pixels: np.ndarray) -> bytes:
     """[0, 1] float pixels as a lossless 16-bit grey PNG: the review page windows it."""
-    grey = (np.clip(np.nan_to_num(pixels), 0, 1) * 65535).round().astype(np.uint16)
+    # in place on one float32 copy: five temporaries of a full-size image cost ~0.2 s
+    scaled = np.nan_to_num(np.asarray(pixels, dtype=np.float32), copy=True)
+    np.clip(scaled, 0, 1, out=scaled)
+    scaled *= 65535
+    grey = np.rint(scaled, out=scaled).astype(np.uint16)
     buf = io.BytesIO()
-    Image.fromarray(grey).save(buf, format="PNG")
+    # zlib level 1: a 3,000 x 2,500 radiograph took 3 s at the default 6 (per image, on the
+    # analysis's path); lossless either way
+    Image.fromarray(grey).save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
 
 

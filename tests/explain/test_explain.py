@@ -51,25 +51,7 @@ from mmcds.records import (
     PatientRecord,
 )
 from mmcds.service.analysis_store import AnalysisStore
-from mmcds.settings import Settings
-from mmcds.synth import generate_cohort
-from mmcds.training.dataset import Example, iter_examples
-
-
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
-    root = tmp_path_factory.mktemp("models")
-    settings = Settings(model_dir=root, database_url=f"sqlite:///{root / 'cache.db'}")
-    p = Pipeline.from_settings(settings)
-    p.cache = None  # the deletion test re-encodes edited notes; keep runs independent
-    return p
-
-
-@pytest.fixture(scope="module")
-def examples(tmp_path_factory: pytest.TempPathFactory) -> list[Example]:
-    out = tmp_path_factory.mktemp("cohort")
-    generate_cohort(out, patients=3, seed=5)
-    return list(iter_examples(out))
+from mmcds.training.dataset import Example
 
 
 @pytest.fixture(scope="module")
@@ -107,12 +89,17 @@ def test_heatmaps_boxes_and_overlays_on_the_original_grid(
         assert len(exp.images) == 2 * len(shapes) * len(findings)
         for s in exp.images:
             h, w = shapes[s.sop_uid]
+            # the cohort's images are under 1,024 px: their review grid is their own
+            assert max(h, w) <= 1024 and s.original_shape == (h, w)
             assert s.heatmap.shape == (h, w) and s.heatmap.dtype == np.float32
             assert s.heatmap.min() >= 0.0 and s.heatmap.max() <= 1.0
             assert s.boxes, "a non-zero heatmap has at least one region"
             for x0, y0, x1, y1, score in s.boxes:
                 assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h and 0 < score <= 1
-            assert s.overlay_png is not None
+            # only the overlays the report carries are composed (the CNN's)
+            assert (s.overlay_png is not None) == (s.method == CNN_METHOD) == s.in_report
+            if s.overlay_png is None:
+                continue
             png = Image.open(io.BytesIO(s.overlay_png))
             assert png.format == "PNG" and png.size[1] >= h and png.size[0] > w
 
@@ -453,8 +440,9 @@ def test_store_round_trip(
     ]
     for a, b in zip(back.images, exp.images, strict=True):
         assert np.array_equal(a.heatmap, b.heatmap) and a.boxes == b.boxes
+        assert a.original_shape == b.original_shape == b.image_shape
         assert a.overlay_png == b.overlay_png
-    s = exp.images[0]
+    s = next(s for s in exp.images if s.overlay_png is not None)
     assert store.overlay(analysis.identifier, s.sop_uid, s.finding, s.method) == s.overlay_png
     assert (
         got.assessment["findings"][0]["probability"] == analysis.assessment.findings[0].probability

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmcds.explain.overlay import LEGEND_W, overlay_png
+from mmcds.explain.overlay import LEGEND_W, overlay_png, review_grey
 from mmcds.fhir.bundle_limits import (
     OMITTED_PREFIX,
     BundleLimits,
@@ -19,6 +19,7 @@ from mmcds.fhir.bundle_limits import (
     oversize,
     review_png,
 )
+from mmcds.records import ImageSaliency, review_shape
 
 
 def _noisy_png(w: int, h: int) -> bytes:
@@ -31,15 +32,26 @@ def _noisy_png(w: int, h: int) -> bytes:
 def test_overlay_of_a_full_size_radiograph_is_composed_at_review_size() -> None:
     rows, cols = 3000, 2500
     pixels = np.random.default_rng(1).random((rows, cols), dtype=np.float32)
-    heat = np.zeros((rows, cols), np.float32)
-    heat[1000:2000, 500:1500] = 1.0
-    png = overlay_png(pixels, heat, [(500, 1000, 1500, 2000, 1.0)], "test")
+    grid = review_shape((rows, cols))
+    assert grid == (1024, round(cols * 1024 / rows))
+    heat = np.zeros(grid, np.float32)  # heatmaps live on the review grid, boxes in original px
+    heat[341:683, 171:512] = 1.0
+    saliency = ImageSaliency(
+        "1.2", "x", "m", heat, [(500, 1000, 1500, 2000, 1.0)], None, (rows, cols)
+    )
+    grey = review_grey(pixels)
+    assert grey.shape == grid and grey.dtype == np.uint8
+    png = overlay_png(grey, saliency, "test")
     with Image.open(io.BytesIO(png)) as im:
-        assert im.size == (round(cols * 1024 / rows) + LEGEND_W, 1024)
+        assert im.size == (grid[1] + LEGEND_W, 1024)
         rgb = np.asarray(im.convert("RGB"))
     # The hot square is where it was, scaled: coloured inside, grey well outside.
     y, x = int(1500 * 1024 / rows), int(1000 * 1024 / rows)
     assert len(set(rgb[y, x])) > 1 and len(set(rgb[100, 100])) == 1
+    # the box is drawn at the scaled place: its top-left corner is box colour (cyan)
+    assert tuple(rgb[round(1000 * 1024 / rows) + 1, round(500 * 1024 / rows) + 1]) == (0, 255, 255)
+    with pytest.raises(ValueError, match="not on the image's grid"):
+        overlay_png(review_grey(pixels[:1500]), saliency, "test")
 
 
 def test_review_png_shrinks_and_fits_one_string() -> None:

@@ -259,7 +259,7 @@ def images_view(stored: StoredAnalysis, inputs: Inputs) -> list[dict[str, Any]]:
         maps = [s for s in stored.explanation.images if s.sop_uid == uid]
         if not maps:
             continue
-        h, w = maps[0].heatmap.shape
+        h, w = maps[0].original_shape  # boxes are in its pixels; heatmap layers stretch to it
         meta = inputs.images[i] if i < len(inputs.images) else {}
         layers = [
             {
