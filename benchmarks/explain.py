@@ -113,7 +113,7 @@ def score_maps(maps: list[ImageSaliency], ex: Example, scores: Scores) -> None:
     """Pointing, peak distance and box IoU of each map whose finding ``ex`` has, with a mask."""
     for s in maps:
         path = ex.masks.get(f"{s.sop_uid}:{s.finding}")
-        if path is None or not ex.labels.get(s.finding):
+        if path is None or ex.labels.get(s.finding) != 1:  # -1: unknown, not a positive
             continue
         mask = np.asarray(Image.open(path)) > 0
         if not mask.any():

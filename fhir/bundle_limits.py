@@ -20,7 +20,7 @@ from typing import Any
 from PIL import Image
 
 from mmcds.errors import InputRejected
-from mmcds.explain.overlay import fit_png
+from mmcds.explain.overlay import LEGEND_W, fit_png
 
 #: Resource types that carry the overlays; everything else is the report proper.
 OVERLAY_TYPES = ("Binary", "Media")
@@ -47,7 +47,9 @@ def review_png(png: bytes, limits: BundleLimits) -> bytes:
     composed to the default budget, so only a stricter server's limits re-encode them)."""
     budget = limits.max_string_bytes * 3 // 4 - 64  # base64 is 4/3 of the bytes
     with Image.open(io.BytesIO(png)) as im:
-        if max(im.size) <= limits.overlay_max_side and len(png) <= budget:
+        # the image part is what the side limit is for: an overlay is the image + its legend
+        sides = (im.width - LEGEND_W, im.height)
+        if max(sides) <= limits.overlay_max_side and len(png) <= budget:
             return png
         img = im.convert("RGB")
     img.thumbnail((limits.overlay_max_side, limits.overlay_max_side), Image.Resampling.LANCZOS)

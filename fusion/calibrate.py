@@ -212,29 +212,3 @@ def sensitivity_threshold(probs: np.ndarray, labels: np.ndarray, target: float) 
         return 1.01  # nothing to find: never alarm
     k = math.ceil(target * len(pos) - 1e-9)
     return float(pos[len(pos) - k]) if k > 0 else 1.01
-
-
-def specificity_threshold(probs: np.ndarray, labels: np.ndarray, target: float) -> float:
-    """The lowest threshold whose specificity (p < t among negatives) reaches ``target``."""
-    neg = np.sort(np.asarray(probs, float)[np.asarray(labels) == 0])
-    if len(neg) == 0:
-        return 1.01
-    k = math.ceil(target * len(neg) - 1e-9)
-    return float(np.nextafter(neg[k - 1], np.inf)) if k > 0 else 0.0
-
-
-def operating_points(
-    probs: np.ndarray,
-    labels: np.ndarray,
-    findings: Sequence[str],
-    warning_sensitivity: float = 0.95,
-    critical_specificity: float = 0.95,
-) -> tuple[dict[str, float], dict[str, float]]:
-    """Per finding: the warning threshold (target sensitivity) and the critical one (target
-    specificity, never below the warning threshold)."""
-    warning, critical = {}, {}
-    for j, f in enumerate(findings):
-        w = sensitivity_threshold(probs[:, j], labels[:, j], warning_sensitivity)
-        c = specificity_threshold(probs[:, j], labels[:, j], critical_specificity)
-        warning[f], critical[f] = w, max(c, w)
-    return warning, critical

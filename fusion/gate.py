@@ -119,5 +119,5 @@ def _score(
         return FindingScore(
             name, probability, NEVER, NEVER, status, f"{prefix}: {check.reasons[0]}"
         )
-    critical = check.critical_threshold if check.critical_allowed else NEVER
-    return FindingScore(name, probability, check.warning_threshold, critical)
+    warning, critical = check.in_force()
+    return FindingScore(name, probability, warning, critical)

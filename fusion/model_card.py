@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from mmcds.fusion.data import FEW_POSITIVES
 from mmcds.fusion.model import FusionConfig
+from mmcds.fusion.validation import subset_key
 
 
 def _fmt(x: Any) -> str:
@@ -86,7 +88,7 @@ def _balance(training: dict[str, Any]) -> str:
     few = training.get("few_positives", {})
     warnings = "".join(f"\n- **Warning, {f}**: {text}." for f, text in few.items())
     return f"| finding | training positives | validation positives |\n|---|---|---|\n{rows}\n" + (
-        warnings or "\nEvery finding had at least 30 positive patients in training."
+        warnings or f"\nEvery finding had at least {FEW_POSITIVES} positive patients in training."
     )
 
 
@@ -94,7 +96,7 @@ def model_card(config: FusionConfig, val_metrics: dict[str, Any]) -> str:
     t = config.training
     all_ = val_metrics.get("subsets", {}).get("image+text+labs", {})
     # the bootstrap CI of the validation AUROC on every input the model has (validation.py)
-    full = config.subsets.get("+".join(sorted(config.modalities)), {}).get("findings", {})
+    full = config.subsets.get(subset_key(config.modalities), {}).get("findings", {})
 
     def _ci(f: str) -> str:
         ci = full.get(f, {}).get("auroc_ci")

@@ -87,6 +87,13 @@ class FindingValidation:
     critical_allowed: bool = False
     reasons: list[str] = field(default_factory=list)
 
+    def in_force(self) -> tuple[float, float]:
+        """The (warning, critical) thresholds the service applies: ``NEVER`` where the finding
+        is not validated, and for critical where critical is not allowed."""
+        if not self.validated:
+            return NEVER, NEVER
+        return self.warning_threshold, self.critical_threshold if self.critical_allowed else NEVER
+
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -311,12 +318,6 @@ def in_force(
     subset: SubsetValidation, findings: Sequence[str]
 ) -> tuple[dict[str, float], dict[str, float]]:
     """Per finding, the warning and critical thresholds the service applies with this subset
-    of inputs: ``NEVER`` where the finding is not validated, or critical is not allowed."""
-    warning, critical = {}, {}
-    for f in findings:
-        check = subset.findings[f]
-        warning[f] = check.warning_threshold if check.validated else NEVER
-        critical[f] = (
-            check.critical_threshold if check.validated and check.critical_allowed else NEVER
-        )
-    return warning, critical
+    of inputs (``FindingValidation.in_force``)."""
+    points = {f: subset.findings[f].in_force() for f in findings}
+    return {f: w for f, (w, _) in points.items()}, {f: c for f, (_, c) in points.items()}

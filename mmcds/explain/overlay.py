@@ -74,6 +74,8 @@ def fit_png(canvas: Image.Image, budget: int) -> bytes:
     buf = io.BytesIO()
     # zlib level 3: 2.5x faster than the default 6 at 1,024 px for ~7% more bytes
     image.save(buf, format="PNG", compress_level=3)
+    # A palette PNG of an unusually busy map can still exceed the budget: the report bundle's
+    # limits then leave the overlays out and say so in the report (fhir.bundle_limits).
     return buf.getvalue()
 
 
@@ -85,8 +87,8 @@ def overlay_png(
     budget: int = PNG_BUDGET,
 ) -> bytes:
     """PNG bytes: ``grey`` (the image's ``review_grey``) + the saliency's colour map (alpha
-    scaled by the heatmap) + its boxes + a legend, on the heatmap's (review) grid, encoded to
-    fit ``budget`` bytes the first time."""
+    scaled by the heatmap) + its boxes + a legend, on the heatmap's (review) grid, encoded for
+    ``budget`` bytes the first time (``fit_png``)."""
     heatmap = saliency.heatmap
     if grey.shape[:2] != heatmap.shape:
         raise ValueError(f"heatmap {heatmap.shape} is not on the image's grid {grey.shape[:2]}")

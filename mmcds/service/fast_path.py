@@ -177,7 +177,7 @@ class AnswerCache:
             row = self.store.get_answer(fhir_server, patient_id)
             if row is None:
                 return None
-            self.remember(row)
+        self.remember(row)  # most recently used: busy patients stay in memory
         return row
 
     def peek(self, fhir_server: str, patient_id: str) -> StoredAnswer | None:

@@ -103,7 +103,10 @@ def compare(
             row["baseline_auroc"] = None
             out[f] = row
             continue
-        index = bootstrap_index(len(y), max(n_boot, 200), seed)
+        # The verdict needs a paired CI, so the comparison resamples even where evaluate's own
+        # bootstrap is off (``--bootstrap 0``); the number used is recorded beside it.
+        row["resamples"] = max(n_boot, 200)
+        index = bootstrap_index(len(y), row["resamples"], seed)
         row["baseline_auroc"] = _r(auroc(y, b))
         row["baseline_auroc_ci"] = ci(boot_auroc(y, b, index))
         for name, scores in model_scores.items():

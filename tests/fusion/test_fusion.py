@@ -19,9 +19,7 @@ from planted import FINDINGS, planted, tiny_config
 from mmcds.fusion.calibrate import (
     Method,
     fit_calibration,
-    operating_points,
     sensitivity_threshold,
-    specificity_threshold,
 )
 from mmcds.fusion.data import restrict_training, split_patients
 from mmcds.fusion.evaluate import evaluate
@@ -30,7 +28,15 @@ from mmcds.fusion.model import FusionModel, batch_from_encodings, is_current
 from mmcds.fusion.pretrain import PretrainSettings, localisation_loss, mask_targets
 from mmcds.fusion.report_html import render
 from mmcds.fusion.train import TrainSettings, predict_logits
-from mmcds.fusion.validation import NEVER, SubsetValidation, in_force, subset_key
+from mmcds.fusion.validation import (
+    NEVER,
+    Rules,
+    SubsetValidation,
+    critical_point,
+    in_force,
+    subset_key,
+    warning_point,
+)
 from mmcds.settings import Settings
 from mmcds.training.run import TrainOptions
 
@@ -174,15 +180,22 @@ def test_operating_points_reach_their_targets_on_the_validation_set() -> None:
     rng = np.random.default_rng(1)
     y = (rng.random((500, 2)) < 0.3).astype(int)
     p = np.clip(0.3 * y + rng.random((500, 2)) * 0.7, 0, 1)
-    warning, critical = operating_points(p, y, FINDINGS, 0.95, 0.95)
-    for j, f in enumerate(FINDINGS):
+    rules = Rules()
+    for j in range(len(FINDINGS)):
+        warning = warning_point(p[:, j], y[:, j], rules)
+        critical = max(critical_point(p[:, j], y[:, j], rules), warning)
         pos, neg = p[y[:, j] == 1, j], p[y[:, j] == 0, j]
-        assert np.mean(pos >= warning[f]) >= 0.95
-        assert np.mean(pos >= warning[f] + 1e-9) < 0.95 or warning[f] == pos.max()  # highest
-        assert np.mean(neg < critical[f]) >= 0.95 or critical[f] == warning[f]
-        assert critical[f] >= warning[f]
+        # the floors hold, or no target down to the floor keeps them and the point is the
+        # first target's own (validation then refuses the finding and says why)
+        floors = np.mean(pos >= warning) >= rules.warning_sensitivity_floor and (
+            np.mean(neg < warning) >= rules.min_warning_specificity
+        )
+        own = sensitivity_threshold(p[:, j], y[:, j], rules.warning_sensitivity)
+        assert floors or warning == own
+        assert np.mean(neg < critical) >= rules.critical_specificity or critical == warning
+        assert critical >= warning
     assert sensitivity_threshold(np.array([0.2, 0.9]), np.array([0, 0]), 0.95) > 1.0
-    assert specificity_threshold(np.array([0.1, 0.2, 0.3, 0.9]), np.array([0, 0, 0, 1]), 1.0) > 0.3
+    assert critical_point(np.array([0.1, 0.2, 0.3, 0.9]), np.array([0, 0, 0, 1]), rules) > 1.0
 
 
 def test_split_is_by_patient_deterministic_and_stratified() -> None:
@@ -233,9 +246,13 @@ def test_evaluate_reports_every_subset_site_and_subgroup(trained: tuple) -> None
     model, val, test = trained
     cal = fit_calibration(predict_logits(model, val.encodings), val.labels, FINDINGS, val.sites)
     model.config.calibration = cal.to_json()
-    model.config.warning_threshold, model.config.critical_threshold = operating_points(
-        cal.apply(predict_logits(model, val.encodings), val.sites), val.labels, FINDINGS
-    )
+    probs = cal.apply(predict_logits(model, val.encodings), val.sites)
+    model.config.warning_threshold = {
+        f: warning_point(probs[:, j], val.labels[:, j], Rules()) for j, f in enumerate(FINDINGS)
+    }
+    model.config.critical_threshold = {
+        f: critical_point(probs[:, j], val.labels[:, j], Rules()) for j, f in enumerate(FINDINGS)
+    }
     metrics = evaluate(model, test, n_boot=50)
     assert set(metrics["subsets"]) == {
         "image+text+labs",
