@@ -4,9 +4,10 @@ Deleting a template line still moves a mean-pooled embedding, so the attribution
 high; a clinician shown "LABS: reviewed." or an attestation as the reason for an alert loses
 trust in the rest. Filtered here: section headers and title lines (``sections.is_label``),
 headers followed only by a template word ("LABS: reviewed.", "ALLERGIES: NKDA", "FAMILY HISTORY:
-Non-contributory."), anything in the allergies or attestation sections, attestation and
-dictation sentences ("I have personally seen and examined the patient..."), and copy-forward
-markers. The lists are short on purpose: a clinical sentence must never be hidden by them.
+Non-contributory."), continuing home medicines for unnamed chronic problems, anything in the
+allergies or attestation sections, attestation and dictation sentences ("I have personally seen
+and examined the patient..."), and copy-forward markers. The lists are short on purpose: a
+clinical sentence must never be hidden by them.
 """
 
 from __future__ import annotations
@@ -49,6 +50,15 @@ _HEADER = r"(?:[A-Za-z][A-Za-z /&-]{0,40}:\s*)?"
 _TEMPLATE_RE = re.compile(
     rf"{_HEADER}(?:{'|'.join(re.escape(w) for w in _TEMPLATE_WORDS)})[.;!]?", re.IGNORECASE
 )
+# A plan item that only carries the usual medicines of unnamed chronic problems on ("# Chronic
+# conditions: cont home meds"); under a problem's own header ("# Heart failure: ...") it is
+# kept, since the header itself says something about the patient.
+_HOME_MEDS_RE = re.compile(
+    r"(?:[#*•-]+\s*)?(?:(?:chronic (?:conditions|problems|medical problems)|other)\s*:\s*)?"
+    r"(?:continue|cont\.?|c/w|will continue|plan to continue|resume) "
+    r"home (?:meds|medications)[.;!]?",
+    re.IGNORECASE,
+)
 # Allergy lines ("ALLERGIES: PCN (rash)", "Allergies: NKDA"): never evidence for these findings.
 _ALLERGY_RE = re.compile(r"\s*(?:allergies|allergy|nkda|nka)\b", re.IGNORECASE)
 
@@ -86,6 +96,6 @@ def is_boilerplate(text: str, *, section: str | None = None, first_line: bool = 
         return True
     if section in _SECTIONS:
         return True
-    if _TEMPLATE_RE.fullmatch(line) or _ALLERGY_RE.match(line):
+    if _TEMPLATE_RE.fullmatch(line) or _HOME_MEDS_RE.fullmatch(line) or _ALLERGY_RE.match(line):
         return True
     return bool(_ATTESTATION_RE.search(line))

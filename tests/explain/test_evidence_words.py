@@ -83,6 +83,11 @@ def test_assertion_status_of_a_sentence(sentence: str, finding: str | None, stat
         ("Crackles at the right base.", "physical examination", False),
         ("CXR reviewed: new RLL opacity.", None, False),  # "reviewed" with a finding is kept
         ("Temp 38.9 C, productive cough.", None, False),
+        ("# Chronic conditions: cont home meds", "assessment and plan", True),
+        ("- Chronic problems: will continue home medications.", None, True),
+        ("Continue home meds.", None, True),
+        ("# Pneumonia: continue ceftriaxone.", "assessment and plan", False),  # names the drug
+        ("# Heart failure: resume home meds.", None, False),  # under a problem's own header
     ],
 )
 def test_boilerplate_is_told_from_clinical_sentences(
