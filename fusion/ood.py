@@ -9,9 +9,9 @@ abstain, with the reason in words. Two kinds of check per modality:
   against its training range (a reason a clinician can check);
 - the embedding: a Gaussian (principal subspace + isotropic residual, i.e. probabilistic PCA)
   fitted on the training split's embeddings; the score is the Mahalanobis distance in the
-  subspace plus the scaled residual, and the limit is a high quantile of the validation
-  split's scores (``QUANTILE``), so about 1 in 200 in-distribution patients abstains per
-  modality.
+  subspace plus the scaled residual, a patient's score is the worst of their vectors (one per
+  image), and the limit is a high quantile of the validation patients' scores (``QUANTILE``)
+  times a margin, so well under 1 in 200 in-distribution patients abstains per modality.
 """
 
 from __future__ import annotations
@@ -105,6 +105,15 @@ def _vectors(modality: str, items: Sequence[Encodings]) -> np.ndarray:
     return np.asarray(rows, np.float64)
 
 
+def patient_scores(g: Gaussian, modality: str, items: Sequence[Encodings]) -> np.ndarray:
+    """One score per patient who has the modality: the worst of their vectors, the statistic
+    ``OodDetector.check`` compares with the limit. A limit set on single images instead would
+    be crossed by a patient with several images several times as often as its quantile says
+    (measured: 3% abstention with all inputs, 1% without the image, issue 21)."""
+    scores = [g.score(v).max() for enc in items if len(v := _vectors(modality, [enc]))]
+    return np.asarray(scores, np.float64)
+
+
 @dataclass
 class OodDetector:
     gaussians: dict[str, Gaussian] = field(default_factory=dict)
@@ -130,7 +139,9 @@ class OodDetector:
                 continue
             g = Gaussian.fit(x)
             det.gaussians[modality] = g
-            det.limits[modality] = LIMIT_MARGIN * float(np.quantile(g.score(v), QUANTILE))
+            det.limits[modality] = LIMIT_MARGIN * float(
+                np.quantile(patient_scores(g, modality, val), QUANTILE)
+            )
         images = [img for r in train_records for img in r.images]
         det.image_modalities = sorted({img.modality for img in images if img.modality})
         if images:

@@ -13,10 +13,10 @@ from mmcds.fusion.calibrate import fit_calibration
 from mmcds.fusion.data import EncodedSet
 from mmcds.fusion.gate import assess
 from mmcds.fusion.model import FusionModel
-from mmcds.fusion.ood import OodDetector
+from mmcds.fusion.ood import QUANTILE, OodDetector
 from mmcds.fusion.train import TrainSettings, predict_logits, train_fusion
 from mmcds.fusion.validation import Rules, mask, validate_finding, validate_subsets
-from mmcds.records import Encodings, Level, Patient, PatientRecord
+from mmcds.records import Encodings, Level, ModalityEncoding, Patient, PatientRecord
 
 STRENGTH = 2.5  # a model good enough for its operating points to exist (AUROC ~0.95+)
 
@@ -133,3 +133,22 @@ def test_out_of_distribution_embeddings_abstain_and_in_distribution_rarely(
     a, b = assess(gated, shifted[0], record=_record(), ood=detector).findings
     if "text" in shifted[0].present:
         assert a.status == b.status == "abstained" and "notes unlike" in (a.reason or "")
+
+
+def test_the_limit_is_set_on_patients_not_on_single_images() -> None:
+    """The check takes a patient's worst image, so the limit must come from the same statistic:
+    set on single images, a patient with many images crosses it several times as often."""
+    rng = np.random.default_rng(0)
+
+    def cohort(n: int) -> list[Encodings]:
+        # heavy tails, as real embeddings have: a few images per patient sit far out
+        tokens = rng.standard_t(3, size=(n, 8, 6)).astype(np.float32)
+        return [
+            Encodings({"image": ModalityEncoding("image", t, [f"i{j}" for j in range(8)], "m", [])})
+            for t in tokens
+        ]
+
+    detector = OodDetector.fit(cohort(400), cohort(400), [])
+    flagged = [bool(detector.check(_record(), e)) for e in cohort(2000)]
+    # nominal 1 - QUANTILE = 0.5% (margin aside); the per-image limit gave 1.8% here
+    assert np.mean(flagged) <= 2 * (1 - QUANTILE)
