@@ -152,7 +152,7 @@ and a warning point exists: the highest sensitivity from {ops.get("warning_sensi
 to {ops.get("warning_sensitivity_floor", 0.85)} keeping specificity at least
 {ops.get("min_warning_specificity", 0.5)}. `critical` needs specificity
 {ops.get("critical_specificity")} with a Wilson 95% lower bound of at least
-{ops.get("critical_specificity_lower", 0.90)}. A finding that
+{ops.get("critical_specificity_lower", 0.95)}. A finding that
 is not validated for the inputs a patient brings is shown as not assessed and never alarms
 (`mmcds.fusion.validation`).
 
