@@ -6,7 +6,7 @@ its limit set on the validation split; at service an input beyond the limit make
 abstain, with the reason in words. Two kinds of check per modality:
 
 - readable facts first: image modality and size against the training images, each lab's value
-  against its training range (a reason a clinician can check);
+  against the values it took in training, with a margin (a reason a clinician can check);
 - the embedding: a Gaussian (principal subspace + isotropic residual, i.e. probabilistic PCA)
   fitted on the training split's embeddings; the score is the Mahalanobis distance in the
   subspace plus the scaled residual, a patient's score is the worst of their vectors (one per
@@ -36,8 +36,13 @@ QUANTILE = 0.995
 #: not another hospital (measured: docs/results/figures.md, "Abstention").
 LIMIT_MARGIN = 1.5
 COMPONENTS = 16
-#: How far beyond the training range a lab value or image size may go before it is "outside".
-RANGE_MARGIN = 0.25
+#: How far beyond the training range a lab value may go before it is "outside": a factor for a
+#: lab whose training values are all positive (most are, and their tails are log-normal:
+#: procalcitonin and NT-proBNP of ordinary test patients went past a linear margin on 3 in 200,
+#: issue 21), a share of the range otherwise. Either still catches a unit error (°F for °C is
+#: ×2.5, WBC per µL for 10⁹/L ×1000).
+RANGE_FACTOR = 2.0
+RANGE_MARGIN = 0.5
 SIZE_MARGIN = 1.5
 
 MODALITY_WORDS = {"image": "imaging", "text": "notes", "labs": "labs"}
@@ -153,7 +158,7 @@ class OodDetector:
             for name, rows in frame.dropna(subset=["name"]).groupby("name"):
                 values = rows["value"].astype(float).dropna()
                 if len(values) >= 10:
-                    lo, hi = np.quantile(values, [0.005, 0.995])
+                    lo, hi = float(values.min()), float(values.max())
                     unit = str(rows["unit"].iloc[0])
                     det.lab_ranges[str(name)] = (float(lo), float(hi), unit)
         return det
@@ -208,10 +213,16 @@ class OodDetector:
             if rng is None or pd.isna(raw):
                 continue
             lo, hi, unit = rng
-            margin = RANGE_MARGIN * (hi - lo)
             value = float(raw)
-            if value < lo - margin or value > hi + margin:
-                return f"{name} {value:.3g} {unit} outside the training range {lo:.3g}–{hi:.3g}"
+            if lo > 0:
+                outside = value < lo / RANGE_FACTOR or value > hi * RANGE_FACTOR
+            else:
+                outside = abs(value - (lo + hi) / 2) > (0.5 + RANGE_MARGIN) * (hi - lo)
+            if outside:
+                return (
+                    f"{name} {value:.3g} {unit} far outside the training values "
+                    f"{lo:.3g}–{hi:.3g} {unit}"
+                )
         return None
 
     # --- files ---------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 
 import numpy as np
+import pandas as pd
 import pytest
 from planted import FINDINGS, planted, tiny_config
 
@@ -152,3 +153,31 @@ def test_the_limit_is_set_on_patients_not_on_single_images() -> None:
     flagged = [bool(detector.check(_record(), e)) for e in cohort(2000)]
     # nominal 1 - QUANTILE = 0.5% (margin aside); the per-image limit gave 1.8% here
     assert np.mean(flagged) <= 2 * (1 - QUANTILE)
+
+
+def test_lab_values_are_judged_against_their_training_values_with_a_margin() -> None:
+    """Skewed labs of ordinary patients stay inside (a linear margin on the 0.5–99.5% range
+    flagged 3 in 200 test patients of the default model); a unit error does not."""
+    rng = np.random.default_rng(0)
+
+    def record(pct: float, temp: float, wbc: float) -> PatientRecord:
+        labs = pd.DataFrame(
+            {
+                "name": ["procalcitonin", "temperature", "wbc"],
+                "value": [pct, temp, wbc],
+                "unit": ["ng/mL", "Cel", "10*9/L"],
+            }
+        )
+        return PatientRecord(patient=Patient(id="p"), labs=labs)
+
+    def patients(n: int) -> list[PatientRecord]:
+        pct = rng.lognormal(-1.0, 1.2, n)  # heavy right tail, as procalcitonin has
+        temp, wbc = rng.normal(37.2, 0.6, n), rng.lognormal(2.1, 0.35, n)
+        return [record(*v) for v in zip(pct, temp, wbc, strict=True)]
+
+    detector = OodDetector.fit([], [], patients(600))
+    ordinary = [detector._lab_reason(r) for r in patients(2000)]
+    assert np.mean([r is not None for r in ordinary]) <= 0.005
+    fahrenheit = detector._lab_reason(record(0.2, 98.6, 8.0))
+    assert fahrenheit and fahrenheit.startswith("temperature 98.6 Cel far outside")
+    assert detector._lab_reason(record(0.2, 37.0, 8000.0))  # WBC per µL, not 10⁹/L
