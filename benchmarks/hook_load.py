@@ -45,7 +45,10 @@ from mmcds.synth import generate_cohort
 
 ISSUER = "https://ehr.bench.mmcds.local"
 KID = "bench-key"
-POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+# The queue's database; MMCDS_TEST_POSTGRES_URL as in the tests (a checkout's own database).
+POSTGRES = os.environ.get(
+    "MMCDS_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
 HERE = Path(__file__).resolve().parent
 SERVICE = "mmcds-patient-view"
 
@@ -270,14 +273,17 @@ def main() -> None:
                     ).json()
                     card_file.write_text(json.dumps(first))
                     bare_port = free_port()
+                    # The baseline runs as the service does (same uvicorn flags, loop and HTTP
+                    # parser, same number of processes) and gets the same warm-up.
                     with uvicorn_process(
-                        "bare", bare_port, {**env, "HOOK_LOAD_CARD": str(card_file)}, 1
+                        "bare", bare_port, {**env, "HOOK_LOAD_CARD": str(card_file)}, workers
                     ) as bare_url:
                         run: dict[str, Any] = {"card_bytes": len(json.dumps(first))}
                         for c in (1, 8, 32):
                             n = args.requests // 3 if c == 1 else args.requests
                             load(url, caller.requests(warm_ids, 50), c)  # warm-up
                             warm = load(url, caller.requests(warm_ids, n), c)
+                            load(bare_url, caller.requests(warm_ids, 50), c)  # warm-up
                             bare = load(bare_url, caller.requests(warm_ids, n), c)
                             run[f"c{c}"] = {
                                 "warm_hook": warm,

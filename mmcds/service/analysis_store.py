@@ -34,7 +34,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 
-from mmcds.db import create_tables, make_engine
+from mmcds.db import DriverQuery, create_tables, make_engine
 from mmcds.records import (
     Analysis,
     EvidenceSpan,
@@ -319,9 +319,8 @@ class AnalysisStore:
         # running it (60 of 100 us per read, SQLite).
         by_key = self.answers.c.key == bindparam("key")
         self._answer_q = select(self.answers).where(by_key)
-        self._version_q = select(self.answers.c.analysis_id, self.answers.c.fingerprint).where(
-            by_key
-        )
+        version = select(self.answers.c.analysis_id, self.answers.c.fingerprint).where(by_key)
+        self._version_q = DriverQuery(self.engine, version)
         # Parsed assessments by identifier for ``recent``: a stored row never changes (the first
         # write wins), so the cache cannot go stale; bounded by dropping it whole when full.
         self._assessments: dict[str, dict[str, Any]] = {}
@@ -467,10 +466,8 @@ class AnalysisStore:
     def answer_version(self, fhir_server: str, patient_id: str) -> tuple[str, str] | None:
         """(analysis id, fingerprint) of the patient's stored answer: what tells a cached copy
         of its cards from a replaced or stale one, without reading and parsing the cards."""
-        key = answer_key(fhir_server, patient_id)
-        with self.engine.connect() as conn:
-            row = conn.execute(self._version_q, {"key": key}).first()
-        return None if row is None else (row.analysis_id, row.fingerprint)
+        row = self._version_q.first(key=answer_key(fhir_server, patient_id))
+        return None if row is None else (row[0], row[1])
 
     def mark_stale(self, fhir_server: str, patient_id: str) -> bool:
         """A notification said the patient's data changed; False when no answer is stored."""
