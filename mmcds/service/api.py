@@ -24,6 +24,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.concurrency import run_in_threadpool
 
+from mmcds.errors import ConfigurationError
 from mmcds.fusion.model import CARD_NAME, default_card
 from mmcds.fusion.pipeline import Pipeline
 from mmcds.service.admission import (
@@ -107,6 +108,10 @@ def hook_cards(
 
 def create_app(settings: Settings, pipeline: Pipeline | None = None) -> FastAPI:
     """The service. ``pipeline`` is built from settings on first use when not given."""
+    if not settings.public_base_url.startswith(("https://", "http://")):  # links on every card
+        raise ConfigurationError(
+            f"MMCDS_PUBLIC_BASE_URL must be an absolute http(s) URL: {settings.public_base_url!r}"
+        )
     service = AnalysisService(settings, pipeline=pipeline)
 
     @asynccontextmanager
@@ -257,8 +262,12 @@ async def hook(service_id: ServiceIdParam, request: Request) -> Any:
         uuids = [u for card in cards for u in card_uuids(card)]
         await feedback.link_cards_async(uuids, result.analysis_id, service_id=service_id)
     answer = {"cards": cards}
-    for problem in problems_cards_response(answer):  # our bug, not the EHR's: say so loudly
-        log.error("hook %s: response breaks CDS Hooks 2.0: %s", request_id, problem)
+    # A stored answer's cards were checked when stored and when read back (``AnalysisStore``);
+    # patient-view adds only the review link, on the public base URL checked at start-up.
+    # Every other answer (order hooks' cards, in progress, unavailable) is checked here.
+    if result.stored_analysis_id is None or spec.orders_hook:
+        for problem in problems_cards_response(answer):  # our bug, not the EHR's: say so loudly
+            log.error("hook %s: response breaks CDS Hooks 2.0: %s", request_id, problem)
     # Returned as is: the conformance check above is the response's validation, and FastAPI's
     # second pass through ``CardsResponse`` (which stays the OpenAPI document's answer) cost
     # more CPU than anything else a warm hook does after its JWT. orjson: the same JSON as
