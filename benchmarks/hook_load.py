@@ -1,6 +1,7 @@
 """Hook latency and throughput under load, against a bare FastAPI endpoint in the same run.
 
     .venv/bin/python benchmarks/hook_load.py [--patients 4] [--workers 1,2] [--requests 600]
+        [--rounds 3]
 
 Real parts: the FHIR sandbox, Orthanc, PostgreSQL (the queue), and the service and the bare
 endpoint each in their own uvicorn process (``benchmarks/hook_load_apps.py``). Patients are
@@ -8,6 +9,8 @@ ingested first (``AnalysisService.ingest``), so *warm* hooks answer from stored 
 the currency check; *miss* hooks name loaded patients with no analysis (no worker runs, so every
 one stays a miss and answers "in progress"). The load generator is one asyncio process with
 pre-signed JWTs (a fresh ``jti`` per call), c concurrent clients, each with its own connection.
+The baseline runs with the service's uvicorn flags and process count, gets the same warm-up,
+and the two take turns in ``--rounds`` slices of each measurement (new connections per slice).
 Also measured apart, to show where a hook's time goes: the FHIR batch currency check straight
 to the sandbox, JWT verification, and the stored-answer lookup. Prints JSON.
 """
@@ -45,7 +48,10 @@ from mmcds.synth import generate_cohort
 
 ISSUER = "https://ehr.bench.mmcds.local"
 KID = "bench-key"
-POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+# The queue's database; MMCDS_TEST_POSTGRES_URL as in the tests (a checkout's own database).
+POSTGRES = os.environ.get(
+    "MMCDS_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
 HERE = Path(__file__).resolve().parent
 SERVICE = "mmcds-patient-view"
 
@@ -157,6 +163,25 @@ def load(url: str, calls: list[tuple[str, bytes]], concurrency: int) -> dict[str
     return {**_stats(latencies, wall), "answers": summaries}
 
 
+def load_alternating(
+    urls: dict[str, str], calls: dict[str, list[tuple[str, bytes]]], c: int, rounds: int
+) -> dict[str, dict[str, Any]]:
+    """Each url's calls in ``rounds`` slices, the urls taking turns: on a shared machine the
+    load of other work changes by the minute, and both sides then see the same (a side run
+    after the other saw a different machine). Figures over all of a url's slices."""
+    seen: dict[str, tuple[list[float], float, dict[str, int]]] = {u: ([], 0.0, {}) for u in urls}
+    for r in range(rounds):
+        for name, url in urls.items():
+            todo = calls[name][r::rounds]
+            latencies, wall, summaries = asyncio.run(_load(url, todo, c))
+            lat, total, answers = seen[name]
+            lat += latencies
+            for summary, count in summaries.items():
+                answers[summary] = answers.get(summary, 0) + count
+            seen[name] = (lat, total + wall, answers)
+    return {n: {**_stats(lat, wall), "answers": a} for n, (lat, wall, a) in seen.items()}
+
+
 async def _fhir_batches(
     fhir_url: str, patient_ids: list[str], n: int, c: int
 ) -> tuple[list[float], float]:
@@ -212,11 +237,18 @@ def main() -> None:
         "--modes", default="fhir,notifications", help="MMCDS_CURRENCY_CHECK values to try"
     )
     parser.add_argument("--requests", type=int, default=600, help="per run at 8 and 32 clients")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="slices in which service and baseline alternate"
+    )
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     key = ECKey.generate_key("P-384", parameters={"kid": KID})
     schema = f"mmcds_queue_bench_{uuid.uuid4().hex[:8]}"
-    results: dict[str, Any] = {"load_average_before": os.getloadavg(), "cpus": os.cpu_count()}
+    results: dict[str, Any] = {
+        "load_average_before": os.getloadavg(),
+        "cpus": os.cpu_count(),
+        "alternating_rounds": args.rounds,
+    }
     with (
         tempfile.TemporaryDirectory(prefix="mmcds-bench-") as tmp,
         FhirSandbox() as fhir_box,
@@ -270,15 +302,23 @@ def main() -> None:
                     ).json()
                     card_file.write_text(json.dumps(first))
                     bare_port = free_port()
+                    # The baseline runs as the service does (same uvicorn flags, loop and HTTP
+                    # parser, same number of processes) and gets the same warm-up.
                     with uvicorn_process(
-                        "bare", bare_port, {**env, "HOOK_LOAD_CARD": str(card_file)}, 1
+                        "bare", bare_port, {**env, "HOOK_LOAD_CARD": str(card_file)}, workers
                     ) as bare_url:
                         run: dict[str, Any] = {"card_bytes": len(json.dumps(first))}
                         for c in (1, 8, 32):
                             n = args.requests // 3 if c == 1 else args.requests
                             load(url, caller.requests(warm_ids, 50), c)  # warm-up
-                            warm = load(url, caller.requests(warm_ids, n), c)
-                            bare = load(bare_url, caller.requests(warm_ids, n), c)
+                            load(bare_url, caller.requests(warm_ids, 50), c)  # warm-up
+                            both = load_alternating(
+                                {"warm_hook": url, "bare": bare_url},
+                                {k: caller.requests(warm_ids, n) for k in ("warm_hook", "bare")},
+                                c,
+                                args.rounds,
+                            )
+                            warm, bare = both["warm_hook"], both["bare"]
                             run[f"c{c}"] = {
                                 "warm_hook": warm,
                                 "bare": bare,

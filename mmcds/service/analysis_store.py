@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import math
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -34,7 +35,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 
-from mmcds.db import create_tables, make_engine
+from mmcds.db import DriverQuery, create_tables, make_engine
 from mmcds.records import (
     Analysis,
     EvidenceSpan,
@@ -44,7 +45,9 @@ from mmcds.records import (
     ModalityShapley,
     PatientRecord,
 )
+from mmcds.service.conformance import problems_cards_response
 
+log = logging.getLogger(__name__)
 FORMAT = "mmcds-explanation-v1"
 # Blob names of the inputs kept for the review page (``record_blobs``).
 PIXELS, NOTE, INPUTS = "pixels", "note", "inputs"
@@ -116,6 +119,10 @@ class StoredAnswer:
 
 
 STALE = "stale"  # a fingerprint no input set has: the answer is known to be out of date
+
+
+class NonConformantAnswer(ValueError):
+    """Cards that break the CDS Hooks 2.0 response rules (``mmcds.service.conformance``)."""
 
 
 def answer_key(fhir_server: str, patient_id: str) -> str:
@@ -319,9 +326,8 @@ class AnalysisStore:
         # running it (60 of 100 us per read, SQLite).
         by_key = self.answers.c.key == bindparam("key")
         self._answer_q = select(self.answers).where(by_key)
-        self._version_q = select(self.answers.c.analysis_id, self.answers.c.fingerprint).where(
-            by_key
-        )
+        version = select(self.answers.c.analysis_id, self.answers.c.fingerprint).where(by_key)
+        self._version_q = DriverQuery(self.engine, version)
         # Parsed assessments by identifier for ``recent``: a stored row never changes (the first
         # write wins), so the cache cannot go stale; bounded by dropping it whole when full.
         self._assessments: dict[str, dict[str, Any]] = {}
@@ -428,7 +434,12 @@ class AnalysisStore:
     # --- answers: what a hook says for a patient, while its inputs stay as they were ----------
 
     def put_answer(self, answer: StoredAnswer) -> None:
-        """Store (or replace) the patient's answer: the latest analysis wins."""
+        """Store (or replace) the patient's answer: the latest analysis wins. Cards that break
+        the CDS Hooks 2.0 rules are refused (``NonConformantAnswer``): checked here once, so a
+        hook serving them need not check them again."""
+        problems = problems_cards_response({"cards": answer.cards})
+        if problems:
+            raise NonConformantAnswer(f"answer of analysis {answer.analysis_id}: {problems[:3]}")
         row = {
             "key": answer_key(answer.fhir_server, answer.patient_id),
             "fhir_server": answer.fhir_server.rstrip("/"),
@@ -460,17 +471,19 @@ class AnalysisStore:
             row = conn.execute(self._answer_q, {"key": key}).first()
         if row is None:
             return None
-        return StoredAnswer(
-            row.fhir_server, row.patient_id, row.analysis_id, row.fingerprint, json.loads(row.cards)
-        )
+        cards = json.loads(row.cards)
+        problems = problems_cards_response({"cards": cards})
+        if problems:  # a row not written by ``put_answer`` (or by an older version): not served
+            log.error("stored answer of analysis %s not served: %s", row.analysis_id, problems[:3])
+            return None
+        r = row
+        return StoredAnswer(r.fhir_server, r.patient_id, r.analysis_id, r.fingerprint, cards)
 
     def answer_version(self, fhir_server: str, patient_id: str) -> tuple[str, str] | None:
         """(analysis id, fingerprint) of the patient's stored answer: what tells a cached copy
         of its cards from a replaced or stale one, without reading and parsing the cards."""
-        key = answer_key(fhir_server, patient_id)
-        with self.engine.connect() as conn:
-            row = conn.execute(self._version_q, {"key": key}).first()
-        return None if row is None else (row.analysis_id, row.fingerprint)
+        row = self._version_q.first(key=answer_key(fhir_server, patient_id))
+        return None if row is None else (row[0], row[1])
 
     def mark_stale(self, fhir_server: str, patient_id: str) -> bool:
         """A notification said the patient's data changed; False when no answer is stored."""

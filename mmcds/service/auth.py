@@ -21,11 +21,14 @@ import httpx
 from joserfc import jws, jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
+from joserfc.jws import JWSRegistry
 
 from mmcds.errors import AuthError
 from mmcds.service.replay import MemoryReplayCache, SeenTokens
 
 ASYMMETRIC_ALGS = ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512"]
+# Built once: joserfc builds a registry on every call that is handed a list of algorithms.
+_JWS = JWSRegistry(algorithms=ASYMMETRIC_ALGS)
 LEEWAY_S = 60
 MAX_LIFETIME_S = 3600
 
@@ -99,7 +102,7 @@ class JwtVerifier:
             raise AuthError("missing bearer token")
         token = authorization.removeprefix("Bearer ").strip()
         try:
-            unverified = jws.extract_compact(token.encode())
+            unverified = jws.extract_compact(token.encode(), registry=_JWS)
             header = unverified.protected
             claims = json.loads(unverified.payload)
         except (JoseError, ValueError) as exc:
@@ -112,12 +115,16 @@ class JwtVerifier:
             raise AuthError("issuer not trusted")
         if "jku" in header and header["jku"] != source.url:
             raise AuthError("jku not on the allowlist for this issuer")
+        # The token parsed above is the one verified (not parsed a second time by
+        # ``jwt.decode``): the claims returned are those of the payload the signature covers.
         try:
-            verified = jwt.decode(token, source.keys(header.get("kid")), algorithms=ASYMMETRIC_ALGS)
+            valid = jws.validate_compact(unverified, source.keys(header.get("kid")), registry=_JWS)
         except JoseError as exc:
             raise AuthError(f"signature rejected: {type(exc).__name__}") from exc
-        self._check_claims(verified.claims, audience)
-        return verified.claims
+        if not valid:
+            raise AuthError("signature rejected: BadSignatureError")
+        self._check_claims(claims, audience)
+        return claims
 
     def _check_claims(self, claims: dict[str, Any], audience: str) -> None:
         now = self._clock()

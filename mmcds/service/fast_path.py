@@ -23,7 +23,7 @@ import json
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import urlencode
@@ -242,7 +242,24 @@ class FastPath:
             self._http = None
 
     async def answer(self, fhir_server: str, patient_id: str, token: str | None) -> FastAnswer:
-        work = asyncio.ensure_future(self._answer(fhir_server, patient_id, token))
+        if self.trust_notifications:
+            # MMCDS_CURRENCY_CHECK=notifications: the stored row says whether it is current
+            # (``/fhir-notify`` marks it stale), read from the database on every hook so that
+            # every process sees a mark at once; no FHIR request. A local read on the event
+            # loop, which no timer could cut short anyway: a current answer is returned
+            # without the task and timer the budget needs; only a miss's enqueue runs under it.
+            stored = self.cache.current(fhir_server, patient_id)
+            if stored is not None and stored.fingerprint != STALE:
+                return FastAnswer("current", stored.cards, analysis_id=stored.analysis_id)
+            work = self._defer(fhir_server, patient_id, "miss" if stored is None else "stale")
+        else:
+            work = self._answer_checked(fhir_server, patient_id, token)
+        return await self._within_budget(work, fhir_server, patient_id)
+
+    async def _within_budget(
+        self, answer: Coroutine[Any, Any, FastAnswer], fhir_server: str, patient_id: str
+    ) -> FastAnswer:
+        work = asyncio.ensure_future(answer)
         done, _ = await asyncio.wait({work}, timeout=self.budget_s)
         if work in done:
             return work.result()
@@ -262,9 +279,11 @@ class FastPath:
         if not task.cancelled() and task.exception() is not None:
             log.warning("background currency check failed: %s", task.exception())
 
-    async def _answer(self, fhir_server: str, patient_id: str, token: str | None) -> FastAnswer:
-        if self.trust_notifications:
-            return await self._answer_notified(fhir_server, patient_id)
+    async def _answer_checked(
+        self, fhir_server: str, patient_id: str, token: str | None
+    ) -> FastAnswer:
+        """MMCDS_CURRENCY_CHECK=fhir: the stored answer if the FHIR server's fingerprint of the
+        patient's inputs is still the one it was computed from."""
         try:
             current = await fingerprint_async(self.http(), fhir_server, patient_id, token)
         except CurrencyError as exc:
@@ -276,17 +295,9 @@ class FastPath:
         stored = self.cache.lookup(fhir_server, patient_id, current)
         if stored is not None and stored.fingerprint == current:
             return FastAnswer("current", stored.cards, analysis_id=stored.analysis_id)
-        state: State = "miss" if stored is None else "stale"
-        queued = await self.enqueue(fhir_server, patient_id) if self.enqueue else False
-        return FastAnswer(state, self.in_progress(state, self.enqueue is not None), queued)
+        return await self._defer(fhir_server, patient_id, "miss" if stored is None else "stale")
 
-    async def _answer_notified(self, fhir_server: str, patient_id: str) -> FastAnswer:
-        """MMCDS_CURRENCY_CHECK=notifications: the stored row says whether it is current
-        (``/fhir-notify`` marks it stale), read from the database on every hook so that every
-        process sees a mark at once. No FHIR request."""
-        stored = self.cache.current(fhir_server, patient_id)
-        if stored is not None and stored.fingerprint != STALE:
-            return FastAnswer("current", stored.cards, analysis_id=stored.analysis_id)
-        state: State = "miss" if stored is None else "stale"
+    async def _defer(self, fhir_server: str, patient_id: str, state: State) -> FastAnswer:
+        """No current answer: queue the work, answer "in progress"."""
         queued = await self.enqueue(fhir_server, patient_id) if self.enqueue else False
         return FastAnswer(state, self.in_progress(state, self.enqueue is not None), queued)

@@ -28,7 +28,7 @@ import httpx
 import uvicorn
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, generate_latest
 from sqlalchemy import func, select, text
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -154,6 +154,16 @@ class OperationsMiddleware:
     def __init__(self, app: ASGIApp, services: Collection[str]) -> None:
         self.app = app
         self.services = frozenset(services)
+        # Each labelled child looked up once: ``labels()`` takes a lock and builds a key on
+        # every call. Both label sets are bounded (known service ids, HTTP status codes).
+        self._seconds = {s: HOOK_SECONDS.labels(s) for s in (*self.services, "unknown")}
+        self._responses: dict[tuple[str, int], Counter] = {}
+
+    def _count(self, label: str, status: int) -> None:
+        child = self._responses.get((label, status))
+        if child is None:
+            child = self._responses[(label, status)] = HOOK_RESPONSES.labels(label, str(status))
+        child.inc()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -187,8 +197,8 @@ class OperationsMiddleware:
                 # Only known ids become labels: a caller must not grow the label set at will.
                 sid = path[len(HOOK_PREFIX) :].strip("/")
                 label = sid if sid in self.services else "unknown"
-                HOOK_SECONDS.labels(label).observe(time.perf_counter() - started)
-                HOOK_RESPONSES.labels(label, str(status)).inc()
+                self._seconds[label].observe(time.perf_counter() - started)
+                self._count(label, status)
             request_id_var.reset(token)
 
 

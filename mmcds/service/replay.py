@@ -26,7 +26,7 @@ from typing import Protocol
 
 import redis
 import redis.asyncio
-from sqlalchemy import Column, Float, MetaData, String, Table, delete
+from sqlalchemy import Column, Float, MetaData, String, Table, bindparam, delete
 from sqlalchemy.exc import SQLAlchemyError
 
 from mmcds.db import create_tables, insert_or_replace_where, make_engine
@@ -87,6 +87,13 @@ class DatabaseReplayCache:
             Column("expires_at", Float, nullable=False, index=True),
         )
         create_tables(self.engine, self.table, purpose="replay cache")
+        t = self.table
+        # One statement: insert, or take over a key's row only if it has expired (an expired
+        # entry must not block its key forever); rows come back only for the keys this call
+        # claimed. Other expired rows are purged now and then.
+        self._claim = insert_or_replace_where(
+            self.engine, t, ["key"], ["key", "expires_at"], where=t.c.expires_at < bindparam("now")
+        ).returning(t.c.key)
         self._clock = clock
         self._purged = 0.0
         self._claims: GroupCommit[tuple[str, float], bool] = GroupCommit(self.claim_many)
@@ -104,22 +111,13 @@ class DatabaseReplayCache:
         rows: dict[str, float] = {}
         for key, expires_at in claims:
             rows.setdefault(_digest(key), expires_at)
-        # One statement: insert, or take over a key's row only if it has expired (an expired
-        # entry must not block its key forever); rows come back only for the keys this call
-        # claimed. Other expired rows are purged now and then.
-        claim = insert_or_replace_where(
-            self.engine,
-            t,
-            ["key"],
-            [{"key": k, "expires_at": e} for k, e in rows.items()],
-            where=t.c.expires_at < now,
-        ).returning(t.c.key)
+        params = [{"key": k, "expires_at": e, "now": now} for k, e in rows.items()]
         try:
             with self.engine.begin() as conn:
                 if now - self._purged > PURGE_EVERY_S:
                     self._purged = now
                     conn.execute(delete(t).where(t.c.expires_at < now))
-                won = set(conn.execute(claim).scalars())
+                won = set(conn.execute(self._claim, params).scalars())
         except SQLAlchemyError as exc:
             log.error("replay cache unavailable: %s", type(exc).__name__)
             raise AuthError("replay cache unavailable") from exc
