@@ -165,23 +165,38 @@ def fit_lexical(
     Each patient's out-of-fold logit comes from a vocabulary and regressions fitted on the other
     folds, with the C chosen on the whole split (so C saw every patient; the weights did not).
     ``labels``: 1/0, anything else unknown (left out of that finding's regression)."""
-    full = _fit(texts, labels, findings, None)
+    full = _standardised(_fit(texts, labels, findings, None), texts)
     cs = [float(full.fitted["findings"][f].get("C", 1.0)) for f in findings]
     oof = np.zeros((len(texts), len(findings)))
     folds = KFold(n_splits=min(FOLDS, len(texts)), shuffle=True, random_state=seed)
     for inside, outside in folds.split(np.arange(len(texts))):
-        part = _fit([texts[i] for i in inside], labels[inside], findings, cs)
+        mine = [texts[i] for i in inside]
+        part = _standardised(_fit(mine, labels[inside], findings, cs), mine)
         oof[outside] = part.logits([texts[i] for i in outside])
     full.fitted["out_of_fold"] = f"{folds.get_n_splits()}-fold, seed {seed}"
     _platt(full, oof, labels)
     return full, oof
 
 
+def _standardised(path: LexicalPath, texts: Sequence[str]) -> LexicalPath:
+    """The path with each finding's logit centred and scaled by its spread over the patients it
+    was fitted on. C is chosen for AUROC, which a strong penalty often ties with a weak one: the
+    raw logits then differ by hundredths, and the intercept of each fold's fit (which follows
+    the fold's prevalence) outweighs them, so out-of-fold logits from different folds would not
+    be comparable (held-out positives meet a fold with fewer positives: a lower intercept)."""
+    z = path.logits(texts)
+    centre, spread = z.mean(axis=0), np.maximum(z.std(axis=0), 1e-12)
+    path.coef = path.coef / spread[:, None]
+    path.intercept = (path.intercept - centre) / spread
+    return path
+
+
 def _platt(path: LexicalPath, oof: np.ndarray, labels: np.ndarray) -> None:
     """Rescale each finding's logits (in place, ``oof`` too) by a Platt fit of its out-of-fold
-    logits: C is chosen for AUROC, which a strong penalty ties with a weak one, so the raw logits
-    can span hundredths; the fusion model starts from the lexical logit as it is (scale 1) and
-    must get one on the scale of a probability. Folded into the weights, the path stays linear."""
+    logits, so the fusion model, which starts from the lexical logit as it is (scale 1), gets
+    one on the scale of a probability. A negative slope (out of fold the words rank patients
+    the wrong way round) is no signal to learn from: slope 0, the finding's prevalence.
+    Folded into the weights, the path stays linear."""
     for j, f in enumerate(path.findings):
         known = np.isin(labels[:, j], (0, 1))
         y = labels[known, j].astype(int)
@@ -189,6 +204,8 @@ def _platt(path: LexicalPath, oof: np.ndarray, labels: np.ndarray) -> None:
             continue
         fit = LogisticRegression(C=1e4, max_iter=1000).fit(oof[known, j : j + 1], y)
         a, b = float(fit.coef_[0, 0]), float(fit.intercept_[0])
+        if a <= 0:
+            a, b = 0.0, float(np.log(y.mean() / (1 - y.mean())))
         path.coef[j] *= a
         path.intercept[j] = a * path.intercept[j] + b
         oof[:, j] = a * oof[:, j] + b

@@ -188,6 +188,10 @@ class FusionModel(nn.Module):
         )
         # starts by taking the lexical logits as they are; training scales each finding's
         self.lexical_scale = nn.Parameter(torch.ones(len(config.findings)))
+        if config.lexical:  # stacking: start from the lexical logits, the encoders' paths learn
+            for head in (self.heads, self.modality_heads["text"]):  # what they add; random heads
+                nn.init.zeros_(head.weight)  # over weak text tokens first drowned a weak
+                nn.init.zeros_(head.bias)  # lexical signal in noise (tests/fusion/test_lexical)
 
     def forward(
         self, batch: FusionBatch, drop: dict[str, torch.Tensor] | None = None
