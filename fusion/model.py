@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -189,9 +189,10 @@ class FusionModel(nn.Module):
         # starts by taking the lexical logits as they are; training scales each finding's
         self.lexical_scale = nn.Parameter(torch.ones(len(config.findings)))
         if config.lexical:  # stacking: start from the lexical logits, the encoders' paths learn
-            for head in (self.heads, self.modality_heads["text"]):  # what they add; random heads
-                nn.init.zeros_(head.weight)  # over weak text tokens first drowned a weak
-                nn.init.zeros_(head.bias)  # lexical signal in noise (tests/fusion/test_lexical)
+            text_head = cast(nn.Linear, self.modality_heads["text"])  # what they add; random
+            for head in (self.heads, text_head):  # heads over weak text tokens first drowned a
+                nn.init.zeros_(head.weight)  # weak lexical signal in their noise
+                nn.init.zeros_(head.bias)  # (tests/fusion/test_lexical.py)
 
     def forward(
         self, batch: FusionBatch, drop: dict[str, torch.Tensor] | None = None
