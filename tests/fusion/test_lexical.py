@@ -15,12 +15,14 @@ import pytest
 import torch
 from planted import FINDINGS, tiny_config
 
+from mmcds.explain.attribution import temperatures
+from mmcds.explain.lexical import lexical_term, sentence_effects
 from mmcds.fusion.data import EncodedSet
 from mmcds.fusion.lexical import LexicalPath, fit_lexical, use_out_of_fold
 from mmcds.fusion.metrics import auroc
 from mmcds.fusion.model import CONFIG_NAME, FusionModel, batch_from_encodings
 from mmcds.fusion.train import TrainSettings, predict_logits, train_fusion, without
-from mmcds.records import Encodings, ModalityEncoding
+from mmcds.records import Encodings, ModalityEncoding, Note
 from mmcds.training.baseline import fit_predict
 
 FILLER = ["cough", "stable", "walking", "eating", "sleeping", "reviewed", "plan", "family", "seen"]
@@ -160,3 +162,25 @@ def test_with_the_lexical_path_the_model_matches_tfidf_where_the_signal_is_in_wo
         assert b > 0.65  # the words carry the finding
         assert auroc(y[te, j], z[:, j]) >= b - 0.03
         assert auroc(y[te, j], z_plain[:, j]) < b - 0.1
+
+
+def test_a_sentence_is_credited_with_what_deleting_it_does_to_the_lexical_term() -> None:
+    model, _, _ = _model()
+    notes = [
+        Note(
+            "Seen on the ward. Right lower lobe consolidation. Plan reviewed.",
+            "DocumentReference/1",
+        )
+    ]
+    said = ["Seen on the ward.", "Right lower lobe consolidation.", "Plan reviewed."]
+    effects = sentence_effects(model, notes, said)
+    assert model.lexical is not None
+    weight = model.lexical_scale.detach().numpy() / temperatures(model).numpy()
+    full = model.lexical.logits([notes[0].text])[0]
+    for i, sentence in enumerate(said):
+        rest = notes[0].text.replace(sentence, " ")
+        expected = (full - model.lexical.logits([rest])[0]) * weight
+        # exact but for word pairs across the deleted sentence's edges, none in this vocabulary
+        assert np.allclose(effects[i], expected, atol=1e-6)
+    assert effects[1, 0] > abs(effects[0, 0])  # the finding's own words move it most
+    assert np.allclose(lexical_term(model, notes), full * weight)
