@@ -350,4 +350,7 @@ def _weights_digest(model: FusionModel) -> str:
     for k, v in sorted(model.state_dict().items()):
         h.update(k.encode())
         h.update(v.detach().cpu().numpy().tobytes())
+    if model.lexical is not None:  # fitted, not a weight, but the model's as much
+        for array in (model.lexical.idf, model.lexical.coef, model.lexical.intercept):
+            h.update(np.ascontiguousarray(array).tobytes())
     return h.hexdigest()[:8]

@@ -124,6 +124,7 @@ def test_notes_only_lexical_path_comes_from_the_training_split_and_is_served(ful
         _train(data)
     model = FusionModel.from_pretrained(model_dir)
     assert model.lexical is not None and model.config.lexical["patients"] > 0
+    assert "lexical path" in (model_dir / "README.md").read_text()  # the model card says so
     names, split = model.config.findings, model.config.training["split"]
     examples = {ex.key: ex for ex in iter_examples(data, None, names)}
     train = [examples[k] for k in split["train"]]
