@@ -1,8 +1,10 @@
 """``mmcds train`` and ``mmcds evaluate``: from a cohort folder to a model folder and a report.
 
 A model folder holds the fusion checkpoint (``config.json``, ``model.safetensors``, ``README.md``
-model card), the fitted lab encoder (``lab_encoder.json``) and the fine-tuned image encoders
-(``cnn/``, ``vit/``); ``Pipeline.from_settings`` loads all of it from ``MMCDS_FUSION_MODEL``.
+model card), the lexical path where the cohort has notes (``lexical.json`` +
+``lexical.safetensors``), the fitted lab encoder (``lab_encoder.json``) and the fine-tuned image
+encoders (``cnn/``, ``vit/``); ``Pipeline.from_settings`` loads all of it from
+``MMCDS_FUSION_MODEL``.
 """
 
 from __future__ import annotations
