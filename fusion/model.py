@@ -12,6 +12,11 @@ logistic regressions on raw lab values and TF-IDF. The additive per-modality ter
 summary token a stacking baseline to improve on; it took the validation loss from 0.141 to
 0.122 (``docs/results/fusion.md``, "Current default model").
 
+The text head also adds the lexical path's logits (``mmcds.fusion.lexical``: TF-IDF + logistic
+regression over the notes, fitted on the training split), times a learned per-finding scale,
+when the notes are present: frozen sentence embeddings alone lost to TF-IDF on notes-only
+cohorts.
+
 A checkpoint is a folder: ``config.json``, ``model.safetensors`` and ``README.md`` (the model
 card). ``from_pretrained`` loads every weight or fails.
 """
@@ -21,7 +26,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -29,13 +34,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mmcds.findings import SYNTH_FINDINGS, load_catalogue, register
+from mmcds.fusion.lexical import LexicalPath
 from mmcds.records import MODALITIES, Encodings
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 CARD_NAME = "README.md"
 #: What ``FusionModel`` builds; a checkpoint of another architecture cannot load into it.
-ARCHITECTURE = "summary-attention+modality-heads/2"
+ARCHITECTURE = "summary-attention+modality-heads+lexical/3"
 
 
 @dataclass
@@ -73,6 +79,8 @@ class FusionConfig:
     subsets: dict[str, Any] = field(default_factory=dict)
     # What it was trained on: data hash, split hash and the patient keys of each split.
     training: dict[str, Any] = field(default_factory=dict)
+    # ``LexicalPath.summary()`` of the model's lexical path; empty: the model has none.
+    lexical: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     architecture: str = ARCHITECTURE
 
@@ -93,10 +101,13 @@ class FusionConfig:
 
 @dataclass
 class FusionBatch:
-    """Padded tokens per modality: ``tokens[m]`` (B, T, D_m) and ``mask[m]`` (B, T), True = real."""
+    """Padded tokens per modality: ``tokens[m]`` (B, T, D_m) and ``mask[m]`` (B, T), True = real;
+    ``lexical`` (B, F): the lexical path's logits (0 without notes), None for a model without
+    that path. It counts only while the text mask keeps a token."""
 
     tokens: dict[str, torch.Tensor]
     mask: dict[str, torch.Tensor]
+    lexical: torch.Tensor | None = None
 
 
 def batch_from_encodings(
@@ -123,13 +134,35 @@ def batch_from_encodings(
             m[i, :n] = True
         tokens[modality] = torch.from_numpy(t).to(device) if device else torch.from_numpy(t)
         mask[modality] = torch.from_numpy(m).to(device) if device else torch.from_numpy(m)
-    return FusionBatch(tokens, mask)
+    return FusionBatch(tokens, mask, _lexical(config, items, device))
+
+
+def _lexical(
+    config: FusionConfig, items: list[Encodings], device: torch.device | None
+) -> torch.Tensor | None:
+    if not config.lexical:
+        return None
+    z = np.zeros((len(items), len(config.findings)), dtype=np.float32)
+    for i, enc in enumerate(items):
+        got = enc.by_modality.get("text")
+        if got is None or got.tokens.size == 0:
+            continue
+        if got.lexical is None or got.lexical.shape != (len(config.findings),):
+            raise ValueError(
+                "the notes' encoding lacks this model's lexical logits: encode them with the "
+                "pipeline of the model that fuses them"
+            )
+        z[i] = got.lexical
+    out = torch.from_numpy(z)
+    return out.to(device) if device else out
 
 
 class FusionModel(nn.Module):
-    def __init__(self, config: FusionConfig) -> None:
+    def __init__(self, config: FusionConfig, lexical: LexicalPath | None = None) -> None:
         super().__init__()
         self.config = config
+        # fitted, not trained by gradient: saved beside the weights (lexical.json/.safetensors)
+        self.lexical = lexical
         d = config.d_model
         self.project = nn.ModuleDict(
             {
@@ -153,6 +186,13 @@ class FusionModel(nn.Module):
         self.modality_heads = nn.ModuleDict(
             {m: nn.Linear(2 * d, len(config.findings)) for m in MODALITIES}
         )
+        # starts by taking the lexical logits as they are; training scales each finding's
+        self.lexical_scale = nn.Parameter(torch.ones(len(config.findings)))
+        if config.lexical:  # stacking: start from the lexical logits, the encoders' paths learn
+            text_head = cast(nn.Linear, self.modality_heads["text"])  # what they add; random
+            for head in (self.heads, text_head):  # heads over weak text tokens first drowned a
+                nn.init.zeros_(head.weight)  # weak lexical signal in their noise
+                nn.init.zeros_(head.bias)  # (tests/fusion/test_lexical.py)
 
     def forward(
         self, batch: FusionBatch, drop: dict[str, torch.Tensor] | None = None
@@ -176,6 +216,9 @@ class FusionModel(nn.Module):
         logits = self.heads(self.norm(h[:, 0]))
         for keep, z in zip(masks, per_modality, strict=True):
             logits = logits + z * keep.any(dim=1, keepdim=True).to(z.dtype)  # absent adds 0
+        if batch.lexical is not None:  # with the notes only: dropped or absent notes add 0
+            notes = masks[MODALITIES.index("text")].any(dim=1, keepdim=True).to(logits.dtype)
+            logits = logits + self.lexical_scale * batch.lexical.to(logits.dtype) * notes
         return torch.as_tensor(logits)
 
     @torch.inference_mode()
@@ -207,6 +250,8 @@ class FusionModel(nn.Module):
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
         self.config.save(out)
+        if self.lexical is not None:
+            self.lexical.save(out)
         save_file({k: v.contiguous() for k, v in self.state_dict().items()}, out / WEIGHTS_NAME)
         (out / CARD_NAME).write_text(card or default_card(self.config))
         return out
@@ -225,7 +270,7 @@ class FusionModel(nn.Module):
                 f"{folder} holds a {config.architecture!r} fusion model; this mmcds builds "
                 f"{ARCHITECTURE!r}: retrain it with `mmcds train`"
             )
-        model = cls(config)
+        model = cls(config, LexicalPath.load(folder) if config.lexical else None)
         state = load_file(folder / WEIGHTS_NAME)
         # strict: a missing or unexpected key means the file is not this architecture.
         model.load_state_dict(state, strict=True)

@@ -32,6 +32,19 @@ def _localisation(training: dict[str, Any]) -> str:
     )
 
 
+def _lexical(config: FusionConfig) -> str:
+    lex = config.lexical
+    if not lex:
+        return ""
+    return (
+        f"Beside it, a lexical path: {lex['method']}, fitted on the training split's notes "
+        f"({lex['patients']} patients, {lex['vocabulary']} terms), whose per-finding logit the "
+        "text head adds (learned scale) while notes are present; fusion learned from its "
+        f"out-of-fold logits ({lex.get('out_of_fold', 'n/a')}); `lexical.json` and "
+        "`lexical.safetensors` beside this card. "
+    )
+
+
 def _image_encoders(config: FusionConfig) -> str:
     t = config.training
     if config.modalities and "image" not in config.modalities:
@@ -128,7 +141,7 @@ modality, logits from the mean and max of its tokens (architecture `{config.arch
 with masks for missing modalities and modality dropout ({config.modality_dropout}) in training,
 so any subset of modalities can be scored. One calibrated probability per finding.
 
-Encoders: the text encoder is frozen. {_image_encoders(config)} Encoder ids:
+Encoders: the text encoder is frozen. {_lexical(config)}{_image_encoders(config)} Encoder ids:
 
 ```json
 {json.dumps(config.encoder_ids, indent=2)}

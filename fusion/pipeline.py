@@ -19,6 +19,7 @@ from mmcds.encoders.text import TextEncoder
 from mmcds.encoders.tiny import build_tiny_cnn, build_tiny_vit
 from mmcds.findings import SYNTH_FINDINGS, Finding, resolve
 from mmcds.fusion.gate import assess
+from mmcds.fusion.lexical import note_text
 from mmcds.fusion.model import FusionConfig, FusionModel
 from mmcds.fusion.ood import OodDetector
 from mmcds.records import (
@@ -129,12 +130,15 @@ class Pipeline:
             if keys
             else np.zeros((0, dim), np.float32)
         )
+        # the model's own lexical path over the whole note text: sparse arithmetic, no encoder
+        lexical = self.fusion.lexical
         return ModalityEncoding(
             modality="text",
             tokens=tokens,
             spans=[f"{c.note_ref}#{c.start}-{c.end}" for c in chunks],
             model_id=self.text.model_id,
             input_hashes=[n.content_hash for n in record.notes],
+            lexical=lexical.logits([note_text(record.notes)])[0] if lexical else None,
         )
 
     # --- fuse -------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from mmcds.fusion.data import EncodedSet
+from mmcds.fusion.lexical import LexicalPath
 from mmcds.fusion.model import FusionBatch, FusionConfig, FusionModel, batch_from_encodings
 from mmcds.records import MODALITIES, Encodings
 
@@ -71,7 +72,9 @@ def set_seeds(seed: int) -> None:
 
 def take(batch: FusionBatch, index: torch.Tensor) -> FusionBatch:
     return FusionBatch(
-        {m: t[index] for m, t in batch.tokens.items()}, {m: k[index] for m, k in batch.mask.items()}
+        {m: t[index] for m, t in batch.tokens.items()},
+        {m: k[index] for m, k in batch.mask.items()},
+        None if batch.lexical is None else batch.lexical[index],
     )
 
 
@@ -89,7 +92,7 @@ def modality_drop(
 def without(batch: FusionBatch, removed: Sequence[str]) -> FusionBatch:
     """The batch with whole modalities masked out, as if they had never arrived."""
     mask = {m: (torch.zeros_like(k) if m in removed else k) for m, k in batch.mask.items()}
-    return FusionBatch(batch.tokens, mask)
+    return FusionBatch(batch.tokens, mask, batch.lexical)  # masked text masks the lexical path
 
 
 @torch.inference_mode()
@@ -116,14 +119,17 @@ def train_fusion(
     val: EncodedSet,
     settings: TrainSettings | None = None,
     progress: bool = True,
+    lexical: LexicalPath | None = None,
 ) -> tuple[FusionModel, TrainLog]:
-    """Train from scratch; returns the weights of the epoch with the lowest validation loss."""
+    """Train from scratch; returns the weights of the epoch with the lowest validation loss.
+    With ``lexical`` (and ``config.lexical``), the text encodings carry its logits: out-of-fold
+    ones for ``train``."""
     s = settings or TrainSettings()
     if len(train) == 0 or len(val) == 0:
         raise ValueError("training needs patients in both the train and the validation split")
     set_seeds(s.seed)
     started = time.perf_counter()
-    model = FusionModel(config)
+    model = FusionModel(config, lexical)
     generator = torch.Generator().manual_seed(s.seed)
     tb = batch_from_encodings(config, train.encodings)
     vb = batch_from_encodings(config, val.encodings)

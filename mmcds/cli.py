@@ -424,6 +424,13 @@ def train(
             "adding findings; default MMCDS_FINDING_CATALOGUE",
         ),
     ] = None,
+    lexical: Annotated[
+        bool,
+        typer.Option(
+            help="Feed the text head TF-IDF + logistic regression logits over the notes, fitted "
+            "on the training split (--no-lexical: MiniLM chunk embeddings only)"
+        ),
+    ] = True,
 ) -> None:
     """Train, calibrate and save a fusion model from DATA: whatever modalities it has (images,
     notes, labs, any mix) and the findings its labels file names."""
@@ -455,6 +462,7 @@ def train(
         train_sites=sites or None,
         findings=tuple(f.strip() for f in findings.split(",") if f.strip()) if findings else None,
         finding_catalogue=str(catalogue) if catalogue else None,
+        lexical=lexical,
     )
     train_cohort(data, out, get_settings(), options, echo=typer.echo)
 

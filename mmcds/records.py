@@ -126,6 +126,10 @@ class ModalityEncoding:
     spans: list[str]
     model_id: str
     input_hashes: list[str]
+    # Text only, where the fusion model has a lexical path (``mmcds.fusion.lexical``): its
+    # per-finding logits (F,) over the whole of the patient's notes, computed by the pipeline
+    # of that model; None otherwise.
+    lexical: np.ndarray | None = None
 
 
 @dataclass

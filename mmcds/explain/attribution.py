@@ -37,6 +37,7 @@ def repeat(batch: FusionBatch, n: int) -> FusionBatch:
     return FusionBatch(
         {m: t.expand(n, -1, -1).clone() for m, t in batch.tokens.items()},
         {m: k.expand(n, -1).clone() for m, k in batch.mask.items()},
+        None if batch.lexical is None else batch.lexical.expand(n, -1),
     )
 
 

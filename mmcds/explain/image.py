@@ -286,7 +286,8 @@ def _occlusion_score(
             vit = vit_embedding.expand(n, -1).to(tokens["image"].dtype)
             tokens["image"][:, slot] = torch.cat([pooled.to(vit.dtype), vit], dim=1)
             masks = {m: k.expand(n, -1) for m, k in batch.mask.items()}
-            by_kind["fusion"] = fusion(FusionBatch(tokens, masks))
+            lexical = None if batch.lexical is None else batch.lexical.expand(n, -1)
+            by_kind["fusion"] = fusion(FusionBatch(tokens, masks, lexical))
         return torch.stack([by_kind[kind][:, i].float() for kind, i in targets], dim=1)
 
     return score
@@ -361,7 +362,7 @@ def image_saliency(
     assert cmaps.stage_maps is not None
     stages = [cmaps.stage_maps[k] for k in cnn_stages]
     with torch.enable_grad():
-        logits = fusion(FusionBatch(tokens, batch.mask))[0]
+        logits = fusion(FusionBatch(tokens, batch.mask, batch.lexical))[0]
         scores = []
         for f in wanted:
             if cnn_target(cnn, names[f]) == "head":
@@ -388,7 +389,7 @@ def image_saliency(
         for f in wanted
     ]
     # the fusion batch the Grad-CAM pass saw, every image token from the live encoders
-    live_batch = FusionBatch({m: t.detach() for m, t in tokens.items()}, batch.mask)
+    live_batch = FusionBatch({m: t.detach() for m, t in tokens.items()}, batch.mask, batch.lexical)
     pixel_values = cmaps.pixel_values.detach()
     vit_embedding = vmaps.embedding.detach().float()
     occluded = [

@@ -12,6 +12,10 @@ every chunk, let alone Integrated Gradients through it, costs seconds):
    sentence -- the approximation that makes this cheap. The deletion test in the suite checks
    the ranking end to end (really deleting the spans from the notes and re-encoding).
 
+3. The lexical path (``mmcds.explain.lexical``), where the model has one: every sentence of the
+   text tokens' chunks gets the exact change of the lexical term when it is deleted, added to
+   its encoder score; a sentence the encoder did not re-examine joins on that effect alone.
+
 Offsets are character offsets into the source ``Note.text``: ``note.text[start:end] == text``.
 Both directions are kept: the spans whose deletion lowers the finding's score most
 (``supports``) and, fewer, those whose deletion raises it (``argues_against``). Each carries its
@@ -34,6 +38,7 @@ from mmcds.encoders.text import Chunk, TextEncoder
 from mmcds.explain.assertion import assertion
 from mmcds.explain.attribution import chunk_occlusion, logits, replaced_text_logits
 from mmcds.explain.boilerplate import is_boilerplate
+from mmcds.explain.lexical import lexical_term, sentence_effects
 from mmcds.fusion.model import FusionBatch, FusionModel
 from mmcds.records import EvidenceSpan, Note
 
@@ -120,6 +125,8 @@ def evidence_spans(
         )
     chunks: list[Chunk] = [by_span[s] for s in spans[:n_tokens]]
     drops = chunk_occlusion(fusion, batch)  # (n_tokens, F)
+    if n_tokens == 1:  # masking the only chunk masks the notes, lexical path included: that
+        drops = drops - lexical_term(fusion, notes)[None, :]  # part is scored by sentence
     chosen: list[int] = []
     for f in range(len(names)):
         for pos in np.argsort(-drops[:, f])[:TOP_CHUNKS]:
@@ -132,7 +139,7 @@ def evidence_spans(
     chosen = sorted(chosen, key=lambda p: -float(np.abs(drops[p]).max()))[:MAX_REENCODED]
     candidates: list[tuple[int, Sentence | None]] = []  # (token position, sentence or whole)
     replacements: list[tuple[int, np.ndarray]] = []
-    split = {pos: sentences(chunks[pos].text) for pos in chosen}
+    split = {pos: sentences(chunk.text) for pos, chunk in enumerate(chunks)}
     # a one-sentence chunk needs no encoder pass: deleting its sentence is masking its token
     for pos in chosen:
         if len(split[pos]) <= 1:
@@ -157,6 +164,7 @@ def evidence_spans(
         else:
             scores[c] = full - replaced[r]
             r += 1
+    candidates, scores = _add_lexical(fusion, notes, chunks, split, candidates, scores)
     out: list[EvidenceSpan] = []
     for f, name in enumerate(names):
         seen: set[tuple[str, int, int]] = set()  # overlapping chunks repeat a sentence
@@ -193,3 +201,38 @@ def evidence_spans(
                     )
                 )
     return out
+
+
+def _add_lexical(
+    fusion: FusionModel,
+    notes: Sequence[Note],
+    chunks: Sequence[Chunk],
+    split: dict[int, list[Sentence]],
+    candidates: list[tuple[int, Sentence | None]],
+    scores: np.ndarray,
+) -> tuple[list[tuple[int, Sentence | None]], np.ndarray]:
+    """The candidates and their scores with each sentence's lexical deletion effect added; the
+    sentences not yet among them join with that effect alone."""
+    if fusion.lexical is None:
+        return candidates, scores
+    where: dict[tuple[str, int, int], tuple[int, Sentence]] = {}
+    for pos, chunk in enumerate(chunks):  # overlapping chunks repeat a sentence: once
+        for sent in split[pos]:
+            key = (chunk.note_ref, chunk.start + sent.start, chunk.start + sent.end)
+            where.setdefault(key, (pos, sent))
+    keys = list(where)
+    texts = [chunks[p].text[s.start : s.end] for p, s in (where[k] for k in keys)]
+    effects = sentence_effects(fusion, notes, texts)
+    row = {k: i for i, k in enumerate(keys)}
+    scores = scores.copy()
+    for c, (pos, picked) in enumerate(candidates):
+        if picked is None and not split[pos]:
+            continue
+        sent = picked or split[pos][0]
+        key = (chunks[pos].note_ref, chunks[pos].start + sent.start, chunks[pos].start + sent.end)
+        if key in row:
+            scores[c] += effects[row.pop(key)]
+    rest = list(row)
+    added: list[tuple[int, Sentence | None]] = [where[k] for k in rest]
+    more = effects[[row[k] for k in rest]].reshape(len(rest), scores.shape[1])
+    return candidates + added, np.vstack([scores, more])

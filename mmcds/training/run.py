@@ -1,8 +1,10 @@
 """``mmcds train`` and ``mmcds evaluate``: from a cohort folder to a model folder and a report.
 
 A model folder holds the fusion checkpoint (``config.json``, ``model.safetensors``, ``README.md``
-model card), the fitted lab encoder (``lab_encoder.json``) and the fine-tuned image encoders
-(``cnn/``, ``vit/``); ``Pipeline.from_settings`` loads all of it from ``MMCDS_FUSION_MODEL``.
+model card), the lexical path where the cohort has notes (``lexical.json`` +
+``lexical.safetensors``), the fitted lab encoder (``lab_encoder.json``) and the fine-tuned image
+encoders (``cnn/``, ``vit/``); ``Pipeline.from_settings`` loads all of it from
+``MMCDS_FUSION_MODEL``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from mmcds.encoders.text import TextEncoder
 from mmcds.encoders.tiny import build_tiny_cnn, build_tiny_vit
 from mmcds.fusion.calibrate import Method, SiteRule, fit_calibration
 from mmcds.fusion.data import (
+    UNKNOWN,
     EncodedSet,
     few_positive_warnings,
     positives,
@@ -32,6 +35,7 @@ from mmcds.fusion.data import (
     split_patients,
 )
 from mmcds.fusion.evaluate import evaluate
+from mmcds.fusion.lexical import fit_lexical, note_text, use_out_of_fold
 from mmcds.fusion.model import FusionModel
 from mmcds.fusion.model_card import model_card
 from mmcds.fusion.ood import OodDetector
@@ -44,7 +48,7 @@ from mmcds.settings import Settings
 from mmcds.store import EmbeddingCache
 from mmcds.training import baseline as text_baseline
 from mmcds.training.alarms import alarm_lines, alarm_report
-from mmcds.training.dataset import cohort_findings
+from mmcds.training.dataset import Example, cohort_findings
 from mmcds.training.encoding import (
     data_hash,
     encode_all,
@@ -78,6 +82,8 @@ class TrainOptions:
     # The findings to learn (labels-file columns); None: cohort.json's, else every finding column
     findings: tuple[str, ...] | None = None
     finding_catalogue: str | None = None  # a site's catalogue file adding findings
+    # TF-IDF + logistic regression over the notes as an input of the text head (fusion/lexical.py)
+    lexical: bool = True
     cache_url: str | None = None  # default: settings.database_url
     progress: bool = True
 
@@ -153,7 +159,10 @@ def train_cohort(
     text = TextEncoder.from_pretrained(settings.text_model or None)
     cache = EmbeddingCache(o.cache_url or settings.database_url)
     pipe = Pipeline(cnn, vit, text, labs, untrained_fusion(cnn, vit, text, labs, entries), cache)
+    oof = _fit_lexical(pipe.fusion, train_ex, o, echo) if o.lexical else None
     encoded = encode_all(pipe, examples, o.progress)
+    if oof is not None:  # the training patients learn from logits of fits that never saw them
+        use_out_of_fold(encoded.select_keys(split["train"]).encodings, oof)
     timings["encode_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -165,7 +174,9 @@ def train_cohort(
     few = few_positive_warnings(counts["train"], counts["val"])
     for f in few:
         echo(f"warning: {f}: {few[f]}")
-    model, tlog = train_fusion(config, train, val, o.train_settings, o.progress)
+    model, tlog = train_fusion(
+        config, train, val, o.train_settings, o.progress, pipe.fusion.lexical
+    )
     echo(f"fusion: {tlog.epochs_run} epochs, best val loss {tlog.best_val_loss:.4f}")
     timings["fusion_s"] = time.perf_counter() - t
 
@@ -222,6 +233,22 @@ def train_cohort(
     (out / "val_metrics.json").write_text(json.dumps(val_metrics, indent=1))
     echo(f"saved {out} ({config.version}): {config.training['timings_s']}")
     return config.training
+
+
+def _fit_lexical(
+    fusion: FusionModel, train_ex: Sequence[Example], o: TrainOptions, echo: Echo
+) -> np.ndarray | None:
+    """Fit the lexical path on the training split's notes into ``fusion``; returns the training
+    patients' out-of-fold logits (None without notes: the model then has no lexical path)."""
+    if not any(ex.record.notes for ex in train_ex):
+        return None
+    names = fusion.config.findings
+    labels = np.array([[ex.labels.get(f, UNKNOWN) for f in names] for ex in train_ex], float)
+    texts = [note_text(ex.record.notes) for ex in train_ex]
+    fusion.lexical, oof = fit_lexical(texts, labels, names, seed=o.seed)
+    fusion.config.lexical = fusion.lexical.summary()
+    echo(f"lexical path: {len(fusion.lexical.terms)} terms, fitted on {len(texts)} patients")
+    return oof
 
 
 def _modalities(encoded: EncodedSet) -> list[Modality]:
@@ -325,4 +352,7 @@ def _weights_digest(model: FusionModel) -> str:
     for k, v in sorted(model.state_dict().items()):
         h.update(k.encode())
         h.update(v.detach().cpu().numpy().tobytes())
+    if model.lexical is not None:  # fitted, not a weight, but the model's as much
+        for array in (model.lexical.idf, model.lexical.coef, model.lexical.intercept):
+            h.update(np.ascontiguousarray(array).tobytes())
     return h.hexdigest()[:8]

@@ -10,11 +10,14 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from mmcds.explain.stage import explain
 from mmcds.explain.summary import summary_line, summary_markdown
 from mmcds.fhir.report import report_bundle
 from mmcds.findings import UnknownFinding, finding
+from mmcds.fusion.lexical import fit_lexical, note_text
 from mmcds.fusion.model import FusionModel
 from mmcds.fusion.pipeline import Pipeline
 from mmcds.fusion.pretrain import PretrainSettings
@@ -109,6 +112,39 @@ def test_notes_only_model_serves_and_says_imaging_is_not_used(full: Path) -> Non
     text = summary_markdown(analysis, Explanation(analysis.identifier)) + summary_line(analysis)
     assert "imaging not used by this model" in text
     assert "no imaging available" not in text
+
+
+def test_notes_only_lexical_path_comes_from_the_training_split_and_is_served(full: Path) -> None:
+    """The model's TF-IDF + LR is the one fitted on its training split's notes (refitting it on
+    those patients alone gives the same vocabulary and weights); at analysis the pipeline
+    computes its logits from the patient's notes, and the explanation accounts for it."""
+    data = _subset(full, ("text",)) if not (full.parent / "text").exists() else full.parent / "text"
+    model_dir = data.parent / "model-text"
+    if not model_dir.exists():
+        _train(data)
+    model = FusionModel.from_pretrained(model_dir)
+    assert model.lexical is not None and model.config.lexical["patients"] > 0
+    assert "lexical path" in (model_dir / "README.md").read_text()  # the model card says so
+    names, split = model.config.findings, model.config.training["split"]
+    examples = {ex.key: ex for ex in iter_examples(data, None, names)}
+    train = [examples[k] for k in split["train"]]
+    labels = np.array([[ex.labels.get(f, -1) for f in names] for ex in train], float)
+    texts = [note_text(ex.record.notes) for ex in train]
+    refit, _ = fit_lexical(texts, labels, names, seed=model.config.training["seed"])
+    assert refit.terms == model.lexical.terms
+    assert np.array_equal(refit.coef, model.lexical.coef)
+    pipe = Pipeline.from_settings(
+        _settings(data.parent).model_copy(update={"fusion_model": str(model_dir)})
+    )
+    record = examples[split["test"][0]].record
+    analysis = pipe.analyse(record)
+    served = analysis.encodings.by_modality["text"].lexical
+    assert served is not None
+    assert np.array_equal(served, model.lexical.logits([note_text(record.notes)])[0])
+    explanation = explain(pipe, analysis, overlays=False)
+    assert explanation.evidence  # sentences quoted, the lexical path's included
+    for m in explanation.modalities:  # notes only: the text's Shapley value is the whole change
+        assert m.values["text"] == pytest.approx(m.full - m.base, abs=1e-6)
 
 
 def _relabel(full: Path, rename: dict[str, str]) -> Path:
