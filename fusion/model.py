@@ -41,7 +41,9 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 CARD_NAME = "README.md"
 #: What ``FusionModel`` builds; a checkpoint of another architecture cannot load into it.
-ARCHITECTURE = "summary-attention+modality-heads+lexical/3"
+#: The lexical path is part of it, present where ``config.lexical`` says so: a model without one
+#: has exactly the weights it had before the path existed, so those checkpoints still load.
+ARCHITECTURE = "summary-attention+modality-heads/2"
 
 
 @dataclass
@@ -186,9 +188,9 @@ class FusionModel(nn.Module):
         self.modality_heads = nn.ModuleDict(
             {m: nn.Linear(2 * d, len(config.findings)) for m in MODALITIES}
         )
-        # starts by taking the lexical logits as they are; training scales each finding's
-        self.lexical_scale = nn.Parameter(torch.ones(len(config.findings)))
         if config.lexical:  # stacking: start from the lexical logits, the encoders' paths learn
+            # taken as they are at first; training scales each finding's
+            self.lexical_scale = nn.Parameter(torch.ones(len(config.findings)))
             text_head = cast(nn.Linear, self.modality_heads["text"])  # what they add; random
             for head in (self.heads, text_head):  # heads over weak text tokens first drowned a
                 nn.init.zeros_(head.weight)  # weak lexical signal in their noise

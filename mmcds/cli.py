@@ -425,12 +425,15 @@ def train(
         ),
     ] = None,
     lexical: Annotated[
-        bool,
+        bool | None,
         typer.Option(
+            "--lexical/--no-lexical",
             help="Feed the text head TF-IDF + logistic regression logits over the notes, fitted "
-            "on the training split (--no-lexical: MiniLM chunk embeddings only)"
+            "on the training split (--no-lexical: MiniLM chunk embeddings only); default: on "
+            "for a cohort without radiographs, off with them",
+            show_default=False,
         ),
-    ] = True,
+    ] = None,
 ) -> None:
     """Train, calibrate and save a fusion model from DATA: whatever modalities it has (images,
     notes, labs, any mix) and the findings its labels file names."""

@@ -82,8 +82,11 @@ class TrainOptions:
     # The findings to learn (labels-file columns); None: cohort.json's, else every finding column
     findings: tuple[str, ...] | None = None
     finding_catalogue: str | None = None  # a site's catalogue file adding findings
-    # TF-IDF + logistic regression over the notes as an input of the text head (fusion/lexical.py)
-    lexical: bool = True
+    # TF-IDF + logistic regression over the notes as an input of the text head (fusion/lexical.py).
+    # None (auto): on for a cohort without radiographs, where the notes carry the signal and
+    # frozen MiniLM alone lost to TF-IDF; off with radiographs, where the default recipe's
+    # figures were measured without it (turn it on and compare with `mmcds evaluate`).
+    lexical: bool | None = None
     cache_url: str | None = None  # default: settings.database_url
     progress: bool = True
 
@@ -159,7 +162,10 @@ def train_cohort(
     text = TextEncoder.from_pretrained(settings.text_model or None)
     cache = EmbeddingCache(o.cache_url or settings.database_url)
     pipe = Pipeline(cnn, vit, text, labs, untrained_fusion(cnn, vit, text, labs, entries), cache)
-    oof = _fit_lexical(pipe.fusion, train_ex, o, echo) if o.lexical else None
+    lexical = (not has_images) if o.lexical is None else o.lexical
+    if not lexical:
+        echo("lexical path: off (--lexical turns it on)")
+    oof = _fit_lexical(pipe.fusion, train_ex, o, echo) if lexical else None
     encoded = encode_all(pipe, examples, o.progress)
     if oof is not None:  # the training patients learn from logits of fits that never saw them
         use_out_of_fold(encoded.select_keys(split["train"]).encodings, oof)

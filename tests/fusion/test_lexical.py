@@ -6,7 +6,6 @@ text encoder)."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from mmcds.explain.lexical import lexical_term, sentence_effects
 from mmcds.fusion.data import EncodedSet
 from mmcds.fusion.lexical import LexicalPath, fit_lexical, use_out_of_fold
 from mmcds.fusion.metrics import auroc
-from mmcds.fusion.model import CONFIG_NAME, FusionModel, batch_from_encodings
+from mmcds.fusion.model import FusionModel, batch_from_encodings
 from mmcds.fusion.train import TrainSettings, predict_logits, train_fusion, without
 from mmcds.records import Encodings, ModalityEncoding, Note
 from mmcds.training.baseline import fit_predict
@@ -94,7 +93,9 @@ def _model(n: int = 80) -> tuple[FusionModel, list[str], EncodedSet]:
     return model, texts, _with_path(path, _encoded(texts, y, 3, "p"), texts)
 
 
-def test_saved_and_loaded_bit_exactly_and_old_checkpoints_refused(tmp_path: Path) -> None:
+def test_saved_and_loaded_bit_exactly_and_a_folder_missing_files_refused(
+    tmp_path: Path,
+) -> None:
     model, texts, ds = _model()
     model.save_pretrained(tmp_path / "m")
     loaded = FusionModel.from_pretrained(tmp_path / "m")
@@ -106,12 +107,16 @@ def test_saved_and_loaded_bit_exactly_and_old_checkpoints_refused(tmp_path: Path
     assert np.array_equal(predict_logits(loaded, ds.encodings), predict_logits(model, ds.encodings))
     assert (tmp_path / "m" / "lexical.safetensors").is_file()
     assert not list((tmp_path / "m").glob("*.pkl"))
-    # a checkpoint of the architecture before the lexical path is refused, saying why
-    config = json.loads((tmp_path / "m" / CONFIG_NAME).read_text())
-    config["architecture"] = "summary-attention+modality-heads/2"
-    (tmp_path / "m" / CONFIG_NAME).write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="retrain it with `mmcds train`"):
+    # a model folder that lost its lexical files is refused, saying why
+    (tmp_path / "m" / "lexical.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="copy the whole model folder"):
         FusionModel.from_pretrained(tmp_path / "m")
+
+
+def test_a_model_without_the_path_has_the_weights_it_had_before() -> None:
+    """No lexical path, no lexical weight: checkpoints trained before the path still load."""
+    model = FusionModel(tiny_config())
+    assert not any("lexical" in k for k in model.state_dict())
 
 
 def test_masked_with_the_notes() -> None:
