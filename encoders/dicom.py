@@ -160,6 +160,7 @@ def decode_dicom(
         reference=reference,
         content_hash=content_hash(data),
         body_part=text_tag(ds, "BodyPartExamined"),
+        bits_stored=int_tag(ds.get("BitsStored"), 0) or None,
     )
 
 

@@ -5,8 +5,9 @@ panels (DESIGN §8). At training one detector per modality is fitted on the trai
 its limit set on the validation split; at service an input beyond the limit makes the findings
 abstain, with the reason in words. Two kinds of check per modality:
 
-- readable facts first: image modality and size against the training images, each lab's value
-  against the values it took in training, with a margin (a reason a clinician can check);
+- readable facts first: image modality, size and DICOM bit depth against the training images,
+  each lab's value against the values it took in training, with a margin (a reason a clinician
+  can check);
 - the embedding: a Gaussian (principal subspace + isotropic residual, i.e. probabilistic PCA)
   fitted on the training split's embeddings; the score is the Mahalanobis distance in the
   subspace plus the scaled residual, a patient's score is the worst of their vectors (one per
@@ -125,6 +126,7 @@ class OodDetector:
     limits: dict[str, float] = field(default_factory=dict)
     image_modalities: list[str] = field(default_factory=list)
     image_sides: tuple[int, int] = (0, 0)  # shortest and longest side seen in training
+    image_bits: list[int] = field(default_factory=list)  # DICOM BitsStored seen in training
     lab_ranges: dict[str, tuple[float, float, str]] = field(default_factory=dict)
 
     # --- training ------------------------------------------------------------------------------
@@ -149,6 +151,7 @@ class OodDetector:
             )
         images = [img for r in train_records for img in r.images]
         det.image_modalities = sorted({img.modality for img in images if img.modality})
+        det.image_bits = sorted({img.bits_stored for img in images if img.bits_stored})
         if images:
             sides = [s for img in images for s in img.pixels.shape[:2]]
             det.image_sides = (int(min(sides)), int(max(sides)))
@@ -196,6 +199,11 @@ class OodDetector:
                     f"image modality {img.modality}; the model saw "
                     f"{', '.join(self.image_modalities)}"
                 )
+            # another detector's bit depth: its grey levels were never seen, whatever the
+            # embedding distance says (site C's 16-bit images got within the limit, issue 21)
+            if self.image_bits and img.bits_stored and img.bits_stored not in self.image_bits:
+                seen = ", ".join(str(b) for b in self.image_bits)
+                return f"image stored with {img.bits_stored} bits; the model saw {seen}-bit images"
             if hi and (
                 max(img.pixels.shape[:2]) > hi * SIZE_MARGIN
                 or min(img.pixels.shape[:2]) < lo / SIZE_MARGIN
@@ -241,6 +249,7 @@ class OodDetector:
             "quantile": QUANTILE,
             "image_modalities": self.image_modalities,
             "image_sides": list(self.image_sides),
+            "image_bits": self.image_bits,
             "lab_ranges": {k: list(v) for k, v in self.lab_ranges.items()},
         }
         (folder / OOD_JSON).write_text(json.dumps(meta, indent=1, sort_keys=True))
@@ -267,6 +276,7 @@ class OodDetector:
             limits={k: float(v) for k, v in meta["limits"].items()},
             image_modalities=list(meta.get("image_modalities", [])),
             image_sides=(int(sides[0]), int(sides[1])),
+            image_bits=[int(b) for b in meta.get("image_bits", [])],
             lab_ranges={
                 k: (float(v[0]), float(v[1]), str(v[2])) for k, v in meta["lab_ranges"].items()
             },

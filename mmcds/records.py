@@ -70,6 +70,7 @@ class ImageInput:
     reference: str | None = None  # "ImagingStudy/<id>"
     content_hash: str = ""
     body_part: str | None = None  # DICOM BodyPartExamined, for the quality gate
+    bits_stored: int | None = None  # DICOM BitsStored (None for PNG/JPEG): another detector
 
 
 @dataclass

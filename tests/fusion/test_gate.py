@@ -17,7 +17,14 @@ from mmcds.fusion.model import FusionModel
 from mmcds.fusion.ood import QUANTILE, OodDetector
 from mmcds.fusion.train import TrainSettings, predict_logits, train_fusion
 from mmcds.fusion.validation import Rules, mask, validate_finding, validate_subsets
-from mmcds.records import Encodings, Level, ModalityEncoding, Patient, PatientRecord
+from mmcds.records import (
+    Encodings,
+    ImageInput,
+    Level,
+    ModalityEncoding,
+    Patient,
+    PatientRecord,
+)
 
 STRENGTH = 2.5  # a model good enough for its operating points to exist (AUROC ~0.95+)
 
@@ -181,3 +188,18 @@ def test_lab_values_are_judged_against_their_training_values_with_a_margin() -> 
     fahrenheit = detector._lab_reason(record(0.2, 98.6, 8.0))
     assert fahrenheit and fahrenheit.startswith("temperature 98.6 Cel far outside")
     assert detector._lab_reason(record(0.2, 37.0, 8000.0))  # WBC per µL, not 10⁹/L
+
+
+def test_an_image_of_another_bit_depth_is_outside() -> None:
+    """Grey levels from a detector the model never saw: outside, whatever the embedding says."""
+
+    def record(bits: int | None) -> PatientRecord:
+        image = ImageInput(np.zeros((8, 8), np.float32), "1", "1.1", "1.1.1", bits_stored=bits)
+        return PatientRecord(patient=Patient(id="p"), images=[image])
+
+    detector = OodDetector.fit([], [], [record(12), record(14)])
+    assert detector.image_bits == [12, 14]
+    assert detector._image_reason(record(14)) is None
+    assert detector._image_reason(record(None)) is None  # PNG/JPEG: no bit depth to compare
+    reason = detector._image_reason(record(16))
+    assert reason == "image stored with 16 bits; the model saw 12, 14-bit images"
