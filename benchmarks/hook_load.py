@@ -56,7 +56,9 @@ HERE = Path(__file__).resolve().parent
 SERVICE = "mmcds-patient-view"
 
 
-def _stats(seconds: list[float], wall: float) -> dict[str, float]:
+def _stats(seconds: list[float], wall: float, done: int | None = None) -> dict[str, float]:
+    """Latency percentiles of ``seconds``; throughput = ``done`` requests (default: as many as
+    timed) over ``wall``."""
     ms = np.asarray(seconds) * 1000
     return {
         "n": len(seconds),
@@ -64,7 +66,7 @@ def _stats(seconds: list[float], wall: float) -> dict[str, float]:
         "p95_ms": round(float(np.percentile(ms, 95)), 2),
         "p99_ms": round(float(np.percentile(ms, 99)), 2),
         "max_ms": round(float(ms.max()), 2),
-        "per_s": round(len(seconds) / wall, 1),
+        "per_s": round((len(seconds) if done is None else done) / wall, 1),
     }
 
 
@@ -135,6 +137,7 @@ async def _load(
 
     async def client() -> None:
         async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+            first = True
             for token, body in queue:
                 started = time.perf_counter()
                 response = await http.post(
@@ -145,7 +148,12 @@ async def _load(
                         "Content-Type": "application/json",
                     },
                 )
-                latencies.append(time.perf_counter() - started)
+                # An EHR keeps its connection open: the first request of each client pays the
+                # TCP connect and is left out of the latencies, on both sides (with 8 clients
+                # and 3 slices those were 24 of 600 requests: the whole p99, bare included).
+                if not first:
+                    latencies.append(time.perf_counter() - started)
+                first = False
                 response.raise_for_status()
                 cards = response.json()["cards"]
                 summary = cards[0]["summary"] if cards else "(no card)"
@@ -160,7 +168,7 @@ async def _load(
 
 def load(url: str, calls: list[tuple[str, bytes]], concurrency: int) -> dict[str, Any]:
     latencies, wall, summaries = asyncio.run(_load(url, calls, concurrency))
-    return {**_stats(latencies, wall), "answers": summaries}
+    return {**_stats(latencies, wall, sum(summaries.values())), "answers": summaries}
 
 
 def load_alternating(
@@ -179,7 +187,10 @@ def load_alternating(
             for summary, count in summaries.items():
                 answers[summary] = answers.get(summary, 0) + count
             seen[name] = (lat, total + wall, answers)
-    return {n: {**_stats(lat, wall), "answers": a} for n, (lat, wall, a) in seen.items()}
+    return {
+        n: {**_stats(lat, wall, sum(a.values())), "answers": a}
+        for n, (lat, wall, a) in seen.items()
+    }
 
 
 async def _fhir_batches(
