@@ -4,7 +4,8 @@ Deleting a template line still moves a mean-pooled embedding, so the attribution
 high; a clinician shown "LABS: reviewed." or an attestation as the reason for an alert loses
 trust in the rest. Filtered here: section headers and title lines (``sections.is_label``),
 headers followed only by a template word ("LABS: reviewed.", "ALLERGIES: NKDA", "FAMILY HISTORY:
-Non-contributory."), continuing home medicines for unnamed chronic problems, anything in the
+Non-contributory."), continuing home medicines for unnamed chronic problems, dispositions that
+only say where the patient stays ("Dispo: continue inpatient care."), anything in the
 allergies or attestation sections, attestation and dictation sentences ("I have personally seen
 and examined the patient..."), and copy-forward markers. The lists are short on purpose: a
 clinical sentence must never be hidden by them.
@@ -59,6 +60,13 @@ _HOME_MEDS_RE = re.compile(
     r"home (?:meds|medications)[.;!]?",
     re.IGNORECASE,
 )
+# A disposition that only says where the patient stays or goes ("Dispo: continue inpatient
+# care.", quoted as evidence against pneumonia on a demo card): logistics, not findings.
+_DISPOSITION_RE = re.compile(
+    r"(?:dispo|disposition)\s*:\s*(?:continue (?:inpatient|current) care|remains? inpatient|"
+    r"inpatient|floor|home|discharge(?:d)? home|pending|tbd)[.;!]?",
+    re.IGNORECASE,
+)
 # Allergy lines ("ALLERGIES: PCN (rash)", "Allergies: NKDA"): never evidence for these findings.
 _ALLERGY_RE = re.compile(r"\s*(?:allergies|allergy|nkda|nka)\b", re.IGNORECASE)
 
@@ -96,6 +104,8 @@ def is_boilerplate(text: str, *, section: str | None = None, first_line: bool = 
         return True
     if section in _SECTIONS:
         return True
-    if _TEMPLATE_RE.fullmatch(line) or _HOME_MEDS_RE.fullmatch(line) or _ALLERGY_RE.match(line):
+    if any(r.fullmatch(line) for r in (_TEMPLATE_RE, _HOME_MEDS_RE, _DISPOSITION_RE)):
+        return True
+    if _ALLERGY_RE.match(line):
         return True
     return bool(_ATTESTATION_RE.search(line))

@@ -88,6 +88,9 @@ def test_assertion_status_of_a_sentence(sentence: str, finding: str | None, stat
         ("Continue home meds.", None, True),
         ("# Pneumonia: continue ceftriaxone.", "assessment and plan", False),  # names the drug
         ("# Heart failure: resume home meds.", None, False),  # under a problem's own header
+        ("Dispo: continue inpatient care.", "assessment and plan", True),
+        ("Disposition: home", None, True),
+        ("Dispo: ICU for hypoxia on BiPAP.", None, False),  # says why: kept
     ],
 )
 def test_boilerplate_is_told_from_clinical_sentences(
