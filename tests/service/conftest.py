@@ -6,11 +6,13 @@ from __future__ import annotations
 import io
 import json
 import logging
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from fastapi.testclient import TestClient
 from joserfc.jwk import ECKey
@@ -153,3 +155,12 @@ def captured_logs() -> Iterator[io.StringIO]:
         for handler in saved[0]:
             root.addHandler(handler)
         root.setLevel(saved[1])
+
+
+@pytest.fixture
+def queue_schema(postgres_url: str) -> Iterator[str]:
+    """A queue schema of this test's own (the test database is shared by parallel runs)."""
+    schema = f"mmcds_queue_t{uuid.uuid4().hex[:12]}"
+    yield schema
+    with psycopg.connect(postgres_url.replace("+psycopg", ""), autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')

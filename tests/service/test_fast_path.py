@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psycopg
 import pytest
 from fastapi.testclient import TestClient
 from joserfc.jwk import ECKey
@@ -56,15 +55,6 @@ def two_patients(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("fast-cohort")
     generate_cohort(out, patients=2, seed=5)
     return out
-
-
-@pytest.fixture
-def queue_schema(postgres_url: str) -> Iterator[str]:
-    """A queue schema of this test's own (the test database is shared by parallel runs)."""
-    schema = f"mmcds_queue_t{uuid.uuid4().hex[:12]}"
-    yield schema
-    with psycopg.connect(postgres_url.replace("+psycopg", ""), autocommit=True) as conn:
-        conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
 
 
 @dataclass

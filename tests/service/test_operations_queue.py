@@ -40,15 +40,6 @@ SERVICE = "mmcds-patient-view"
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
-@pytest.fixture
-def queue_schema(postgres_url: str) -> Iterator[str]:
-    """A queue schema of this test's own (the test database is shared by parallel runs)."""
-    schema = f"mmcds_queue_t{uuid.uuid4().hex[:12]}"
-    yield schema
-    with psycopg.connect(postgres_url.replace("+psycopg", ""), autocommit=True) as conn:
-        conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-
-
 def _scrape(text: str) -> Samples:
     return {
         (s.name, tuple(sorted(s.labels.items()))): s.value
