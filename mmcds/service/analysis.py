@@ -153,6 +153,7 @@ class AnalysisService:
             in_progress=self._in_progress_cards,
             timeout_s=settings.fhir_timeout_s,
             trust_notifications=settings.currency_check == "notifications",
+            local_reads=self.analyses.dialect == "sqlite",
         )
 
     @property

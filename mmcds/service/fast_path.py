@@ -219,6 +219,7 @@ class FastPath:
         in_progress: Callable[[State, bool], list[dict[str, Any]]],
         timeout_s: float,
         trust_notifications: bool = False,
+        local_reads: bool = True,
     ) -> None:
         self.cache, self.enqueue = cache, enqueue
         self.budget_s = budget_ms / 1000
@@ -227,6 +228,7 @@ class FastPath:
         self._timeout_s = timeout_s
         self._background: set[asyncio.Task[Any]] = set()
         self.trust_notifications = trust_notifications
+        self.local_reads = local_reads
 
     def http(self) -> httpx.AsyncClient:
         # Made on first use, inside the server's event loop; kept alive: a pooled connection
@@ -242,18 +244,24 @@ class FastPath:
             self._http = None
 
     async def answer(self, fhir_server: str, patient_id: str, token: str | None) -> FastAnswer:
-        if self.trust_notifications:
-            # MMCDS_CURRENCY_CHECK=notifications: the stored row says whether it is current
-            # (``/fhir-notify`` marks it stale), read from the database on every hook so that
-            # every process sees a mark at once; no FHIR request. A local read on the event
-            # loop, which no timer could cut short anyway: a current answer is returned
-            # without the task and timer the budget needs; only a miss's enqueue runs under it.
+        # MMCDS_CURRENCY_CHECK=notifications: the stored row says whether it is current
+        # (``/fhir-notify`` marks it stale), read from the database on every hook so that every
+        # process sees a mark at once; no FHIR request.
+        if not self.trust_notifications:
+            work = self._answer_checked(fhir_server, patient_id, token)
+        elif self.local_reads:
+            # SQLite in WAL mode: a read of a local file that never waits for a lock, so it
+            # runs on the event loop, and a current answer is returned without the task and
+            # timer the budget needs (a tenth of a warm hook's CPU); a miss's enqueue runs
+            # under the budget.
             stored = self.cache.current(fhir_server, patient_id)
             if stored is not None and stored.fingerprint != STALE:
                 return FastAnswer("current", stored.cards, analysis_id=stored.analysis_id)
             work = self._defer(fhir_server, patient_id, "miss" if stored is None else "stale")
         else:
-            work = self._answer_checked(fhir_server, patient_id, token)
+            # A database server can be slow or gone: the read runs in a thread under the
+            # budget, so neither this hook nor the others on the event loop wait for it.
+            work = self._answer_notified(fhir_server, patient_id)
         return await self._within_budget(work, fhir_server, patient_id)
 
     async def _within_budget(
@@ -294,6 +302,12 @@ class FastPath:
         # The database read is sync SQLAlchemy; a memory hit never leaves the event loop.
         stored = self.cache.lookup(fhir_server, patient_id, current)
         if stored is not None and stored.fingerprint == current:
+            return FastAnswer("current", stored.cards, analysis_id=stored.analysis_id)
+        return await self._defer(fhir_server, patient_id, "miss" if stored is None else "stale")
+
+    async def _answer_notified(self, fhir_server: str, patient_id: str) -> FastAnswer:
+        stored = await asyncio.to_thread(self.cache.current, fhir_server, patient_id)
+        if stored is not None and stored.fingerprint != STALE:
             return FastAnswer("current", stored.cards, analysis_id=stored.analysis_id)
         return await self._defer(fhir_server, patient_id, "miss" if stored is None else "stale")
 

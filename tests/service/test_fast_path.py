@@ -26,9 +26,10 @@ from mmcds.fhir.dicomweb import DicomWebClient
 from mmcds.fhir.load import load_folder
 from mmcds.fusion.pipeline import Pipeline
 from mmcds.service.analysis import AnalysisService
-from mmcds.service.analysis_store import StoredAnswer
+from mmcds.service.analysis_store import AnalysisStore, StoredAnswer
 from mmcds.service.api import create_app
 from mmcds.service.auth import sign_hook_jwt
+from mmcds.service.fast_path import AnswerCache, FastAnswer, FastPath
 from mmcds.service.queue import WorkQueue
 from mmcds.settings import Settings
 from mmcds.synth import generate_cohort
@@ -353,3 +354,79 @@ def test_notification_mode_hooks_trust_the_subscription_marks(
         assert notified.json() == {"patients": 1, "queued": 1}
         (card,) = setup.hook(client.post, patient).json()["cards"]
         assert card["summary"] == IN_PROGRESS and "changed" in card["detail"]
+
+
+def test_a_stalled_database_does_not_hold_a_hook_past_its_budget(postgres_url: str) -> None:
+    """With notifications as the currency check the hook's one I/O is the database read. A
+    database server that stalls (here a real PostgreSQL whose answers table another session
+    holds locked) must cost the hook its budget, not the stall; the event loop stays free."""
+    import asyncio
+
+    import psycopg
+
+    schema = f"mmcds_stall_{uuid.uuid4().hex[:8]}"
+    conninfo = postgres_url.replace("+psycopg", "")
+    with psycopg.connect(conninfo, autocommit=True) as admin:
+        admin.execute(f'CREATE SCHEMA "{schema}"')
+    store = AnalysisStore(f"{postgres_url}?options=-csearch_path%3D{schema}")
+    try:
+        fhir = "http://fhir.stall.test/fhir/R4"
+        card = {
+            "uuid": str(uuid.uuid4()),
+            "summary": "AI risk summary: nothing assessed above info",
+            "indicator": "info",
+            "detail": "Preliminary.",
+            "source": {"label": "mmcds"},
+        }
+        store.put_answer(StoredAnswer(fhir, "p1", "a" * 64, "f", [card]))
+        fast = FastPath(
+            AnswerCache(store, size=8),
+            None,
+            budget_ms=300,
+            in_progress=lambda state, queued: [],
+            timeout_s=5.0,
+            trust_notifications=True,
+            local_reads=store.dialect == "sqlite",
+        )
+
+        locked, release = threading.Event(), threading.Event()
+
+        def hold_lock() -> None:  # another session; lets go after 3 s at the latest
+            with psycopg.connect(conninfo, options=f"-c search_path={schema}") as locker:
+                locker.execute("LOCK TABLE mmcds_answers IN ACCESS EXCLUSIVE MODE")
+                locked.set()
+                release.wait(timeout=3.0)
+                locker.rollback()
+
+        async def hooks() -> tuple[FastAnswer, FastAnswer, float, int]:
+            before = await fast.answer(fhir, "p1", None)  # read through: now in memory too
+            holder = threading.Thread(target=hold_lock)
+            holder.start()
+            assert locked.wait(timeout=10)
+            ticks = 0
+
+            async def ticker() -> None:  # counts while the loop is free
+                nonlocal ticks
+                while True:
+                    await asyncio.sleep(0.01)
+                    ticks += 1
+
+            counting = asyncio.ensure_future(ticker())
+            started = time.perf_counter()
+            during = await fast.answer(fhir, "p1", None)
+            elapsed = time.perf_counter() - started
+            counting.cancel()
+            release.set()  # the stall ends; the background read completes
+            await asyncio.to_thread(holder.join)
+            return before, during, elapsed, ticks
+
+        before, during, elapsed, ticks = asyncio.run(hooks())
+        assert before.state == "current"
+        assert during.state == "over-budget" and during.unverified is not None
+        assert during.cards == before.cards  # the last answer, which the card says is unverified
+        assert elapsed < 0.3 + 0.2
+        assert ticks >= 10  # the loop ran other work while the read waited
+    finally:
+        store.engine.dispose()
+        with psycopg.connect(conninfo, autocommit=True) as admin:
+            admin.execute(f'DROP SCHEMA "{schema}" CASCADE')
