@@ -270,7 +270,7 @@ class AnalysisService:
         if self.settings.hook_answer == "inline":
             return await asyncio.to_thread(self.analyse, trigger)
         fast: FastAnswer = await self.fast.answer(
-            trigger.fhir_server, trigger.patient_id, trigger.token
+            trigger.fhir_server, trigger.patient_id, trigger.token, trigger.prefetch
         )
         log.info("hook %s: %s%s", trigger.request_id, fast.state, " (queued)" * fast.queued)
         if fast.state == "unavailable":

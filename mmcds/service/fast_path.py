@@ -2,11 +2,13 @@
 
 A hook never gathers nor encodes (DESIGN §3). Analyses are computed when data arrives (``mmcds
 ingest``, a FHIR Subscription notification, or a hook that found none) by queue workers, which
-store the cards together with a *fingerprint* of the inputs they read. A hook then only asks the
-FHIR server whether those inputs are still what they were: one ``batch`` request holding one
-``_sort=-_lastUpdated&_count=1`` search per input type (the newest resource's id and
-``lastUpdated``, and the total, so an update, an addition and a deletion all change it). Same
-fingerprint: the stored cards are the answer. Different or none: the work is queued and the
+store the cards together with a *fingerprint* of the inputs they read. A hook then only learns
+whether those inputs are still what they were: one ``_sort=-_lastUpdated&_count=1`` search per
+input type (the newest resource's id and ``lastUpdated``, and the total, so an update, an
+addition and a deletion all change it). Those searches are prefetch templates in discovery: an
+EHR that prefetches sends their results with the hook, and no FHIR request is made; otherwise
+the service sends them in one ``batch`` request. Same fingerprint: the stored cards are the
+answer. Different or none: the work is queued and the
 hook answers within ``MMCDS_HOOK_BUDGET_MS`` with an ``info`` card "analysis in progress" (or no
 card), and the worker writes the report back when it is done.
 
@@ -23,10 +25,10 @@ import json
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 import httpx
 
@@ -38,19 +40,30 @@ log = logging.getLogger(__name__)
 State = Literal["current", "stale", "miss", "over-budget", "unavailable"]
 
 
-def currency_searches(patient_id: str) -> dict[str, str]:
-    """The searches whose newest entry fingerprints a patient's inputs, by label: the same
-    filters ``mmcds.fhir.gather`` reads with (the Patient too: sex and age are inputs)."""
-    subject = f"Patient/{patient_id}"
-    newest = {"_sort": "-_lastUpdated", "_count": "1", "_elements": "id"}
+PATIENT_ID = "{{context.patientId}}"
+_NEWEST = urlencode({"_sort": "-_lastUpdated", "_count": "1", "_elements": "id"})
+
+
+def currency_templates() -> dict[str, str]:
+    """The searches whose newest entry fingerprints a patient's inputs, by prefetch key: the
+    same filters ``mmcds.fhir.gather`` reads with (the Patient too: sex and age are inputs).
+    Declared as prefetch templates in discovery, so an EHR that prefetches sends the
+    fingerprint with the hook and a current answer needs no FHIR request at all."""
+    labs = urlencode({"category": "laboratory,vital-signs"})
     return {
-        "Patient": "Patient?" + urlencode({"_id": patient_id, **newest}),
-        "DocumentReference": "DocumentReference?"
-        + urlencode({"patient": subject, "status": "current", **newest}),
-        "Observation": "Observation?"
-        + urlencode({"patient": subject, "category": "laboratory,vital-signs", **newest}),
-        "ImagingStudy": "ImagingStudy?" + urlencode({"patient": subject, **newest}),
+        "newestPatient": f"Patient?_id={PATIENT_ID}&{_NEWEST}",
+        "newestDocumentReference": (
+            f"DocumentReference?patient={PATIENT_ID}&status=current&{_NEWEST}"
+        ),
+        "newestObservation": f"Observation?patient={PATIENT_ID}&{labs}&{_NEWEST}",
+        "newestImagingStudy": f"ImagingStudy?patient={PATIENT_ID}&{_NEWEST}",
     }
+
+
+def currency_searches(patient_id: str) -> dict[str, str]:
+    """``currency_templates`` for one patient, as the service sends them in a batch."""
+    pid = quote(patient_id, safe="")
+    return {key: t.replace(PATIENT_ID, pid) for key, t in currency_templates().items()}
 
 
 def batch_request(patient_id: str) -> dict[str, Any]:
@@ -72,21 +85,34 @@ class CurrencyError(UpstreamUnavailable):
         self.status = status
 
 
-def fingerprint(batch_response: dict[str, Any], patient_id: str) -> str:
-    """A hash of (total, newest id, newest lastUpdated) per search; ``CurrencyError`` when an
+def fingerprint(batch_response: dict[str, Any]) -> str:
+    """The fingerprint of the service's batch of currency searches; ``CurrencyError`` when an
     entry failed (the patient unknown: status 404)."""
-    labels = list(currency_searches(patient_id))
+    keys = list(currency_templates())
     entries = batch_response.get("entry") or []
-    if batch_response.get("resourceType") != "Bundle" or len(entries) != len(labels):
+    if batch_response.get("resourceType") != "Bundle" or len(entries) != len(keys):
         raise CurrencyError("the FHIR server's batch response does not match the request")
-    parts: dict[str, Any] = {}
-    for label, entry in zip(labels, entries, strict=True):
+    bundles = {}
+    for key, entry in zip(keys, entries, strict=True):
         status = str((entry.get("response") or {}).get("status", ""))
-        bundle = entry.get("resource") or {}
-        if not status.startswith("2") or bundle.get("resourceType") != "Bundle":
-            raise CurrencyError(f"{label} currency search failed ({status or 'no status'})")
+        if not status.startswith("2"):
+            raise CurrencyError(f"{key} currency search failed ({status or 'no status'})")
+        bundles[key] = entry.get("resource")
+    return fingerprint_of(bundles)
+
+
+def fingerprint_of(bundles: Mapping[str, Any]) -> str:
+    """A hash of (total, newest id, newest lastUpdated) per currency search, from its result
+    Bundle by prefetch key, however it came (batch or prefetch)."""
+    parts: dict[str, Any] = {}
+    for key, template in currency_templates().items():
+        bundle = bundles.get(key)
+        if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
+            raise CurrencyError(f"{key}: no search result Bundle")
         newest = ((bundle.get("entry") or [{}])[0]).get("resource") or {}
-        parts[label] = [
+        # Keyed by resource type, as before the searches were prefetch templates: stored
+        # fingerprints stay valid.
+        parts[template.split("?")[0]] = [
             bundle.get("total"),
             newest.get("id"),
             (newest.get("meta") or {}).get("lastUpdated"),
@@ -96,11 +122,22 @@ def fingerprint(batch_response: dict[str, Any], patient_id: str) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def _post_check(response: httpx.Response, patient_id: str) -> str:
+def prefetched_fingerprint(prefetch: Mapping[str, Any] | None) -> str | None:
+    """The fingerprint the hook's prefetch gives; None when it lacks a currency key (absent,
+    ``null``, an OperationOutcome: the EHR did not or could not prefetch it)."""
+    if not prefetch or any(key not in prefetch for key in currency_templates()):
+        return None
+    try:
+        return fingerprint_of(prefetch)
+    except CurrencyError:
+        return None
+
+
+def _post_check(response: httpx.Response) -> str:
     if response.status_code >= 400:
         raise CurrencyError(f"currency check: HTTP {response.status_code}", response.status_code)
     try:
-        return fingerprint(response.json(), patient_id)
+        return fingerprint(response.json())
     except ValueError as exc:
         raise CurrencyError(f"currency check: not JSON ({exc})") from exc
 
@@ -122,7 +159,7 @@ async def fingerprint_async(
         )
     except httpx.HTTPError as exc:
         raise CurrencyError(f"currency check: {type(exc).__name__}") from exc
-    return _post_check(response, patient_id)
+    return _post_check(response)
 
 
 def fingerprint_sync(
@@ -135,7 +172,7 @@ def fingerprint_sync(
         )
     except httpx.HTTPError as exc:
         raise CurrencyError(f"currency check: {type(exc).__name__}") from exc
-    return _post_check(response, patient_id)
+    return _post_check(response)
 
 
 class AnswerCache:
@@ -171,6 +208,8 @@ class AnswerCache:
         memory while that version is unchanged."""
         version = self.store.answer_version(fhir_server, patient_id)
         if version is None:
+            with self._lock:  # gone from the database: gone from memory too
+                self._rows.pop((fhir_server, patient_id), None)
             return None
         row = self.peek(fhir_server, patient_id)
         if row is None or (row.analysis_id, row.fingerprint) != version:
@@ -243,26 +282,72 @@ class FastPath:
             await self._http.aclose()
             self._http = None
 
-    async def answer(self, fhir_server: str, patient_id: str, token: str | None) -> FastAnswer:
-        # MMCDS_CURRENCY_CHECK=notifications: the stored row says whether it is current
-        # (``/fhir-notify`` marks it stale), read from the database on every hook so that every
-        # process sees a mark at once; no FHIR request.
-        if not self.trust_notifications:
-            work = self._answer_checked(fhir_server, patient_id, token)
-        elif self.local_reads:
-            # SQLite in WAL mode: a read of a local file that never waits for a lock, so it
-            # runs on the event loop, and a current answer is returned without the task and
-            # timer the budget needs (a tenth of a warm hook's CPU); a miss's enqueue runs
-            # under the budget.
-            stored = self.cache.current(fhir_server, patient_id)
-            if stored is not None and stored.fingerprint != STALE:
+    async def answer(
+        self,
+        fhir_server: str,
+        patient_id: str,
+        token: str | None,
+        prefetch: Mapping[str, Any] | None = None,
+    ) -> FastAnswer:
+        """The stored answer if it is current, else "in progress" (the work queued), within the
+        budget. The database alone knows it is current when notifications keep the stored
+        row's mark (``MMCDS_CURRENCY_CHECK=notifications``: ``/fhir-notify`` marks it stale) or
+        when the hook's prefetch carries the fingerprint it was computed from; otherwise one
+        FHIR batch request tells."""
+        read = self._read_notified if self.trust_notifications else self._read_prefetched
+        if self.local_reads:
+            # SQLite in WAL mode: reading a local file never waits for a lock, so the read runs
+            # on the event loop, and a current answer returns without the task and timer the
+            # budget needs (a tenth of a warm hook's CPU).
+            stored = read(fhir_server, patient_id, prefetch)
+            if stored is not None:
                 return FastAnswer("current", stored.cards, analysis_id=stored.analysis_id)
-            work = self._defer(fhir_server, patient_id, "miss" if stored is None else "stale")
+            work = self._not_known_current(fhir_server, patient_id, token)
         else:
-            # A database server can be slow or gone: the read runs in a thread under the
-            # budget, so neither this hook nor the others on the event loop wait for it.
-            work = self._answer_notified(fhir_server, patient_id)
+            work = self._answer_in_thread(read, fhir_server, patient_id, token, prefetch)
         return await self._within_budget(work, fhir_server, patient_id)
+
+    def _read_notified(
+        self, fhir_server: str, patient_id: str, _: Mapping[str, Any] | None
+    ) -> StoredAnswer | None:
+        """The stored answer unless a notification marked it stale; read on every hook so that
+        every process sees a mark at once."""
+        stored = self.cache.current(fhir_server, patient_id)
+        return stored if stored is not None and stored.fingerprint != STALE else None
+
+    def _read_prefetched(
+        self, fhir_server: str, patient_id: str, prefetch: Mapping[str, Any] | None
+    ) -> StoredAnswer | None:
+        """The stored answer if the hook's prefetch shows the inputs it was computed from."""
+        known = prefetched_fingerprint(prefetch)
+        if known is None:
+            return None
+        stored = self.cache.lookup(fhir_server, patient_id, known)
+        return stored if stored is not None and stored.fingerprint == known else None
+
+    async def _answer_in_thread(
+        self,
+        read: Callable[[str, str, Mapping[str, Any] | None], StoredAnswer | None],
+        fhir_server: str,
+        patient_id: str,
+        token: str | None,
+        prefetch: Mapping[str, Any] | None,
+    ) -> FastAnswer:
+        # A database server can be slow or gone: the read runs in a thread under the budget,
+        # so neither this hook nor the others on the event loop wait for it.
+        stored = await asyncio.to_thread(read, fhir_server, patient_id, prefetch)
+        if stored is not None:
+            return FastAnswer("current", stored.cards, analysis_id=stored.analysis_id)
+        return await self._not_known_current(fhir_server, patient_id, token)
+
+    async def _not_known_current(
+        self, fhir_server: str, patient_id: str, token: str | None
+    ) -> FastAnswer:
+        if not self.trust_notifications:
+            return await self._answer_checked(fhir_server, patient_id, token)
+        # The read just made keeps a stale row in memory: a row there means "stale".
+        state: State = "miss" if self.cache.peek(fhir_server, patient_id) is None else "stale"
+        return await self._defer(fhir_server, patient_id, state)
 
     async def _within_budget(
         self, answer: Coroutine[Any, Any, FastAnswer], fhir_server: str, patient_id: str
@@ -299,15 +384,11 @@ class FastPath:
             if exc.status in (401, 403):
                 reason = f"FHIR access refused ({exc.status})"
             return FastAnswer("unavailable", [], reason=reason)
-        # The database read is sync SQLAlchemy; a memory hit never leaves the event loop.
-        stored = self.cache.lookup(fhir_server, patient_id, current)
+        if self.local_reads:  # a memory hit, or a local file read: on the loop
+            stored = self.cache.lookup(fhir_server, patient_id, current)
+        else:
+            stored = await asyncio.to_thread(self.cache.lookup, fhir_server, patient_id, current)
         if stored is not None and stored.fingerprint == current:
-            return FastAnswer("current", stored.cards, analysis_id=stored.analysis_id)
-        return await self._defer(fhir_server, patient_id, "miss" if stored is None else "stale")
-
-    async def _answer_notified(self, fhir_server: str, patient_id: str) -> FastAnswer:
-        stored = await asyncio.to_thread(self.cache.current, fhir_server, patient_id)
-        if stored is not None and stored.fingerprint != STALE:
             return FastAnswer("current", stored.cards, analysis_id=stored.analysis_id)
         return await self._defer(fhir_server, patient_id, "miss" if stored is None else "stale")
 

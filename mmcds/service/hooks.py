@@ -15,6 +15,7 @@ from typing import Any
 
 from mmcds.errors import InputRejected
 from mmcds.fhir.prefetch import prefetch_templates
+from mmcds.service.fast_path import currency_templates
 from mmcds.service.schema import ServiceDescription
 
 SNOMED = "http://snomed.info/sct"
@@ -44,7 +45,8 @@ class HookService:
             hook=self.hook,
             title=self.title,
             description=self.description,
-            prefetch=prefetch_templates(),
+            # gather's reads, and the searches that tell whether a stored answer is current
+            prefetch=prefetch_templates() | currency_templates(),
         )
 
     @property

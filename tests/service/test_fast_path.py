@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 from joserfc.jwk import ECKey
 
 from mmcds.dev.demo import running_service
-from mmcds.dev.servers import free_port
+from mmcds.dev.servers import FhirSandbox, free_port
 from mmcds.fhir.client import FhirClient
 from mmcds.fhir.dicomweb import DicomWebClient
 from mmcds.fhir.load import load_folder
@@ -65,15 +65,23 @@ class Setup:
     patient_ids: list[str]
     key: ECKey
 
-    def hook(self, post: Callable[..., Any], patient_id: str, fhir: str | None = None) -> Any:
+    def hook(
+        self,
+        post: Callable[..., Any],
+        patient_id: str,
+        fhir: str | None = None,
+        prefetch: dict[str, Any] | None = None,
+    ) -> Any:
         endpoint = f"{self.settings.public_base_url}/cds-services/mmcds-patient-view"
         token = sign_hook_jwt(self.key, issuer=ISSUER, audience=endpoint, kid=KID)
-        body = {
+        body: dict[str, Any] = {
             "hookInstance": str(uuid.uuid4()),
             "hook": "patient-view",
             "fhirServer": fhir or self.fhir_url,
             "context": {"userId": "Practitioner/t", "patientId": patient_id},
         }
+        if prefetch is not None:
+            body["prefetch"] = prefetch
         return post(
             "/cds-services/mmcds-patient-view",
             json=body,
@@ -321,6 +329,53 @@ def test_a_miss_answers_at_once_with_the_in_progress_card(setup: Setup, models: 
         with faulty_hanging_fhir(hanging):
             (card,) = setup.hook(client.post, "p2", fhir=hanging).json()["cards"]
         assert card["summary"] == "Earlier" and "Not confirmed current" in card["detail"]
+
+
+def _prefetched(templates: dict[str, str], fhir_url: str, patient_id: str) -> dict[str, Any]:
+    """What an EHR sends for these prefetch templates: each run on its FHIR server."""
+    return {
+        key: httpx.get(f"{fhir_url}/{t.replace('{{context.patientId}}', patient_id)}").json()
+        for key, t in templates.items()
+    }
+
+
+def test_a_prefetch_with_the_fingerprint_answers_without_any_fhir_request(
+    setup: Setup, models: Pipeline, fhir_sandbox: FhirSandbox
+) -> None:
+    """The prefetch is the EHR's view of the patient's data at the hook (CDS Hooks 2.0
+    §Prefetch): when it shows the inputs a stored answer was computed from, that answer is
+    current without asking the FHIR server; when not, the server is asked as without it."""
+    app = create_app(setup.settings, models)
+    patient = setup.patient_ids[0]
+    with TestClient(app) as client:
+        service: AnalysisService = app.state.analysis
+        assert service.ingest(setup.fhir_url, [patient], now=True) == ["analysed"]
+        stored = service.analyses.get_answer(setup.fhir_url, patient)
+        assert stored is not None
+        (described,) = [
+            s for s in client.get("/cds-services").json()["services"] if s["hook"] == "patient-view"
+        ]
+        templates = {k: t for k, t in described["prefetch"].items() if k.startswith("newest")}
+        assert len(templates) == 4  # Patient, notes, labs and vitals, imaging studies
+
+        fhir_sandbox.reset_log()
+        prefetch = _prefetched(templates, setup.fhir_url, patient)
+        fhir_sandbox.reset_log()
+        cards = setup.hook(client.post, patient, prefetch=prefetch).json()["cards"]
+        assert [_stored_view(c) for c in cards] == stored.cards
+        assert fhir_sandbox.requests() == []  # current, and the FHIR server was not asked
+
+        # A key the EHR could not prefetch: the service asks the server (one batch) instead.
+        failed = {**prefetch, "newestObservation": None}
+        cards = setup.hook(client.post, patient, prefetch=failed).json()["cards"]
+        assert [_stored_view(c) for c in cards] == stored.cards
+        assert [r["method"] for r in fhir_sandbox.requests()] == ["POST"]
+
+        # New data, prefetched: the fingerprint differs, the FHIR server confirms it changed.
+        _add_lab(setup.fhir_url, patient)
+        changed = _prefetched(templates, setup.fhir_url, patient)
+        (card,) = setup.hook(client.post, patient, prefetch=changed).json()["cards"]
+        assert card["summary"] == IN_PROGRESS and "changed" in card["detail"]
 
 
 def test_no_card_on_a_miss_when_so_configured(setup: Setup, models: Pipeline) -> None:
