@@ -12,7 +12,10 @@ pre-signed JWTs (a fresh ``jti`` per call), c concurrent clients, each with its 
 The baseline runs with the service's uvicorn flags and process count, gets the same warm-up,
 and the two take turns in ``--rounds`` slices of each measurement (new connections per slice;
 each client's first call, its set-up and connect, is neither timed nor counted).
-Also measured apart, to show where a hook's time goes: the FHIR batch currency check straight
+Currency checks (``--modes``): ``fhir`` (one batch request to the sandbox per hook),
+``fhir+prefetch`` (the same service, the hooks carrying the currency prefetch an EHR would send:
+no FHIR request), ``notifications`` (the stored row's mark). Also measured apart, to show where
+a hook's time goes: the FHIR batch currency check straight
 to the sandbox, JWT verification, and the stored-answer lookup. Prints JSON.
 """
 
@@ -43,7 +46,7 @@ from mmcds.fhir.dicomweb import DicomWebClient
 from mmcds.fhir.load import load_folder
 from mmcds.service.analysis import AnalysisService
 from mmcds.service.auth import JwtVerifier, sign_hook_jwt
-from mmcds.service.fast_path import batch_request
+from mmcds.service.fast_path import PATIENT_ID, batch_request, currency_templates
 from mmcds.settings import Settings
 from mmcds.synth import generate_cohort
 
@@ -106,26 +109,41 @@ def uvicorn_process(factory: str, port: int, env: dict[str, str], workers: int) 
 
 
 class Caller:
+    """Signs and writes hook requests as an EHR would; with ``prefetch`` (per patient id) the
+    body carries it, as an EHR that runs the service's prefetch templates sends it."""
+
     def __init__(self, key: ECKey, public_base: str, fhir_url: str) -> None:
         self.key, self.fhir_url = key, fhir_url
         self.audience = f"{public_base}/cds-services/{SERVICE}"
+        self.prefetch: dict[str, dict[str, Any]] | None = None
 
     def requests(self, patient_ids: list[str], n: int) -> list[tuple[str, bytes]]:
         """n (token, body) pairs, signed before timing starts."""
         out = []
         for i in range(n):
-            body = {
+            patient_id = patient_ids[i % len(patient_ids)]
+            body: dict[str, Any] = {
                 "hookInstance": str(uuid.uuid4()),
                 "hook": "patient-view",
                 "fhirServer": self.fhir_url,
-                "context": {
-                    "userId": "Practitioner/b",
-                    "patientId": patient_ids[i % len(patient_ids)],
-                },
+                "context": {"userId": "Practitioner/b", "patientId": patient_id},
             }
+            if self.prefetch is not None:
+                body["prefetch"] = self.prefetch[patient_id]
             token = sign_hook_jwt(self.key, issuer=ISSUER, audience=self.audience, kid=KID)
             out.append((token, json.dumps(body).encode()))
         return out
+
+
+def currency_prefetch(fhir_url: str, patient_ids: list[str]) -> dict[str, dict[str, Any]]:
+    """Per patient, what an EHR sends for the service's currency prefetch templates."""
+    return {
+        pid: {
+            key: httpx.get(f"{fhir_url}/{t.replace(PATIENT_ID, pid)}").raise_for_status().json()
+            for key, t in currency_templates().items()
+        }
+        for pid in patient_ids
+    }
 
 
 async def _load(
@@ -251,7 +269,9 @@ def main() -> None:
     parser.add_argument("--patients", type=int, default=4)
     parser.add_argument("--workers", default="1,2", help="service processes to try, e.g. 1,2")
     parser.add_argument(
-        "--modes", default="fhir,notifications", help="MMCDS_CURRENCY_CHECK values to try"
+        "--modes",
+        default="fhir,fhir+prefetch,notifications",
+        help="MMCDS_CURRENCY_CHECK values to try; fhir+prefetch: fhir, the hooks prefetched",
     )
     parser.add_argument("--requests", type=int, default=600, help="per run at 8 and 32 clients")
     parser.add_argument(
@@ -306,7 +326,9 @@ def main() -> None:
             results["components"] = components(settings, caller, fhir_box.base_url, warm_ids, 300)
             runs = [(m, int(w)) for m in args.modes.split(",") for w in args.workers.split(",")]
             for mode, workers in runs:
-                mode_env = {**env, "MMCDS_CURRENCY_CHECK": mode}
+                check, _, prefetched = mode.partition("+")
+                mode_env = {**env, "MMCDS_CURRENCY_CHECK": check}
+                caller.prefetch = currency_prefetch(fhir_box.base_url, ids) if prefetched else None
                 with uvicorn_process("service", port, mode_env, workers) as url:
                     token, body = caller.requests(warm_ids, 1)[0]
                     first = httpx.post(

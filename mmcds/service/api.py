@@ -132,7 +132,12 @@ def create_app(settings: Settings, pipeline: Pipeline | None = None) -> FastAPI:
     app = FastAPI(title="mmcds", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
     app.state.analysis = service
-    app.state.verifier = JwtVerifier(settings.trusted_issuers, replay=replay_cache(settings))
+    # No hook waits for the replay cache longer than its budget: past it, refused (fail closed).
+    app.state.verifier = JwtVerifier(
+        settings.trusted_issuers,
+        replay=replay_cache(settings),
+        replay_timeout_s=settings.hook_budget_ms / 1000,
+    )
     app.state.outbox = service.outbox
     app.state.feedback = FeedbackStore(settings.database_url)
     # Browser CDS clients: the preflight (OPTIONS) is answered here, before any JWT check; the

@@ -12,7 +12,9 @@ answer is a bare 401.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -25,6 +27,8 @@ from joserfc.jws import JWSRegistry
 
 from mmcds.errors import AuthError
 from mmcds.service.replay import MemoryReplayCache, SeenTokens
+
+log = logging.getLogger(__name__)
 
 ASYMMETRIC_ALGS = ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512"]
 # Built once: joserfc builds a registry on every call that is handed a list of algorithms.
@@ -75,11 +79,13 @@ class JwtVerifier:
         replay: SeenTokens | None = None,
         clock: Callable[[], float] = time.time,
         http: httpx.Client | None = None,
+        replay_timeout_s: float | None = None,
     ) -> None:
         self._http = http or httpx.Client(timeout=5.0)
         self._sources = {iss: JwksSource(spec, self._http) for iss, spec in trusted_issuers.items()}
         self._replay = replay or MemoryReplayCache(clock)
         self._clock = clock
+        self._replay_timeout_s = replay_timeout_s
 
     def verify(self, authorization: str | None, audience: str) -> dict[str, Any]:
         """Claims of a valid token from an ``Authorization: Bearer`` header, or ``AuthError``."""
@@ -89,9 +95,17 @@ class JwtVerifier:
         return claims
 
     async def verify_async(self, authorization: str | None, audience: str) -> dict[str, Any]:
-        """``verify`` for the event loop: the replay claim does not block it."""
+        """``verify`` for the event loop: the replay claim does not block it, and a replay
+        cache that does not answer within ``replay_timeout_s`` refuses the token (fails closed)
+        instead of holding the caller."""
         claims = self._checked_claims(authorization, audience)
-        if not await self._replay.check_and_add_async(*_replay_entry(claims)):
+        try:
+            async with asyncio.timeout(self._replay_timeout_s):
+                fresh = await self._replay.check_and_add_async(*_replay_entry(claims))
+        except TimeoutError as exc:
+            log.error("replay cache did not answer within %s s", self._replay_timeout_s)
+            raise AuthError("replay cache did not answer in time") from exc
+        if not fresh:
             raise AuthError("jti replayed")
         return claims
 
