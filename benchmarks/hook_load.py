@@ -203,8 +203,10 @@ def load_alternating(
 ) -> dict[str, dict[str, Any]]:
     """Each url's calls in ``rounds`` slices, the urls taking turns: on a shared machine the
     load of other work changes by the minute, and both sides then see the same (a side run
-    after the other saw a different machine). Figures over all of a url's slices."""
+    after the other saw a different machine). Figures over all of a url's slices, and each
+    slice's throughput (``per_s_slices``: how much the figure moves within one run)."""
     seen: dict[str, tuple[list[float], float, dict[str, int]]] = {u: ([], 0.0, {}) for u in urls}
+    slices: dict[str, list[float]] = {u: [] for u in urls}
     for r in range(rounds):
         for name, url in urls.items():
             todo = calls[name][r::rounds]
@@ -214,7 +216,11 @@ def load_alternating(
             for summary, count in summaries.items():
                 answers[summary] = answers.get(summary, 0) + count
             seen[name] = (lat, total + wall, answers)
-    return {n: {**_stats(lat, wall), "answers": a} for n, (lat, wall, a) in seen.items()}
+            slices[name].append(round(len(latencies) / wall, 1))
+    return {
+        n: {**_stats(lat, wall), "per_s_slices": slices[n], "answers": a}
+        for n, (lat, wall, a) in seen.items()
+    }
 
 
 async def _fhir_batches(
@@ -362,6 +368,12 @@ def main() -> None:
                                 "warm_hook": warm,
                                 "bare": bare,
                                 "throughput_ratio": round(warm["per_s"] / bare["per_s"], 3),
+                                "throughput_ratio_slices": [
+                                    round(w / b, 3)
+                                    for w, b in zip(
+                                        warm["per_s_slices"], bare["per_s_slices"], strict=True
+                                    )
+                                ],
                             }
                         run["miss_c8"] = load(url, caller.requests(miss_ids, args.requests // 2), 8)
                         run["miss_budget_ms"] = settings.hook_budget_ms

@@ -177,3 +177,26 @@ def test_discovery_lists_the_patient_view_service(call_hook: HookCaller) -> None
     assert {"id": "mmcds-patient-view", "hook": "patient-view"}.items() <= services[0].items()
     card = call_hook.client.get("/model-card")
     assert card.status_code == 200 and "Intended use" in card.text
+
+
+def test_a_started_service_keeps_its_long_lived_objects_out_of_gc_scans(
+    make_settings: Any, pipeline: Pipeline
+) -> None:
+    """A full garbage collection scanned every object alive (~600k after importing torch and
+    transformers), stopping every hook for 225 ms on a quiet machine (the p99 of one-process
+    runs of ``benchmarks/hook_load.py``). Started, the service has frozen them."""
+    import gc
+
+    from fastapi.testclient import TestClient
+
+    from mmcds.service.api import create_app
+
+    app = create_app(make_settings(["http://fhir.gc.test/fhir/R4"]), pipeline)
+    gc.collect()
+    alive = len(gc.get_objects())  # what a full collection scans
+    try:
+        with TestClient(app) as client:
+            assert client.get("/cds-services").status_code == 200
+            assert len(gc.get_objects()) < alive / 10
+    finally:
+        gc.unfreeze()
