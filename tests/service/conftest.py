@@ -16,6 +16,7 @@ import psycopg
 import pytest
 from fastapi.testclient import TestClient
 from joserfc.jwk import ECKey
+from stall import Schema
 
 from mmcds.dev.servers import free_port
 from mmcds.fhir.client import FhirClient
@@ -155,6 +156,17 @@ def captured_logs() -> Iterator[io.StringIO]:
         for handler in saved[0]:
             root.addHandler(handler)
         root.setLevel(saved[1])
+
+
+@pytest.fixture
+def pg_schema(postgres_url: str) -> Iterator[Schema]:
+    """A schema of this test's own in the test database, dropped after it."""
+    schema = Schema(f"mmcds_t{uuid.uuid4().hex[:12]}", postgres_url)
+    with psycopg.connect(schema.conninfo, autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA "{schema.name}"')
+    yield schema
+    with psycopg.connect(schema.conninfo, autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA IF EXISTS "{schema.name}" CASCADE')
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 from joserfc.jwk import ECKey
+from stall import Schema, Stalled, while_locked
 
 from mmcds.dev.demo import running_service
 from mmcds.dev.servers import FhirSandbox, free_port
@@ -179,6 +180,14 @@ def _add_lab(fhir_url: str, patient_id: str) -> None:
     assert httpx.post(f"{fhir_url}/Observation", json=lab).status_code == 201
 
 
+def _analysed(service: AnalysisService, fhir_url: str, patient_id: str) -> StoredAnswer:
+    """Analyse the patient now, as a worker would; the answer it stored."""
+    assert service.ingest(fhir_url, [patient_id], now=True) == ["analysed"]
+    stored = service.analyses.get_answer(fhir_url, patient_id)
+    assert stored is not None
+    return stored
+
+
 def _stored_view(card: dict[str, Any]) -> dict[str, Any]:
     """A hook's card as stored: the hook adds a fresh, expiring review link to each answer."""
     return {k: v for k, v in card.items() if k != "links"}
@@ -216,9 +225,7 @@ def test_changed_data_is_stale_and_requeued(
     patient = setup.patient_ids[0]
     with TestClient(app) as client:
         service: AnalysisService = app.state.analysis
-        assert service.ingest(setup.fhir_url, [patient], now=True) == ["analysed"]
-        before = service.analyses.get_answer(setup.fhir_url, patient)
-        assert before is not None
+        before = _analysed(service, setup.fhir_url, patient)
         encodes = EncodeCounter(models, monkeypatch)
 
         _add_lab(setup.fhir_url, patient)  # new data on the FHIR server
@@ -349,9 +356,7 @@ def test_a_prefetch_with_the_fingerprint_answers_without_any_fhir_request(
     patient = setup.patient_ids[0]
     with TestClient(app) as client:
         service: AnalysisService = app.state.analysis
-        assert service.ingest(setup.fhir_url, [patient], now=True) == ["analysed"]
-        stored = service.analyses.get_answer(setup.fhir_url, patient)
-        assert stored is not None
+        stored = _analysed(service, setup.fhir_url, patient)
         (described,) = [
             s for s in client.get("/cds-services").json()["services"] if s["hook"] == "patient-view"
         ]
@@ -392,9 +397,7 @@ def test_notification_mode_hooks_trust_the_subscription_marks(
     patient = setup.patient_ids[0]
     with TestClient(app) as client:
         service: AnalysisService = app.state.analysis
-        assert service.ingest(setup.fhir_url, [patient], now=True) == ["analysed"]
-        stored = service.analyses.get_answer(setup.fhir_url, patient)
-        assert stored is not None
+        stored = _analysed(service, setup.fhir_url, patient)
         cards = setup.hook(client.post, patient).json()["cards"]
         assert [_stored_view(c) for c in cards] == stored.cards
 
@@ -411,19 +414,13 @@ def test_notification_mode_hooks_trust_the_subscription_marks(
         assert card["summary"] == IN_PROGRESS and "changed" in card["detail"]
 
 
-def test_a_stalled_database_does_not_hold_a_hook_past_its_budget(postgres_url: str) -> None:
+def test_a_stalled_database_does_not_hold_a_hook_past_its_budget(pg_schema: Schema) -> None:
     """With notifications as the currency check the hook's one I/O is the database read. A
     database server that stalls (here a real PostgreSQL whose answers table another session
     holds locked) must cost the hook its budget, not the stall; the event loop stays free."""
     import asyncio
 
-    import psycopg
-
-    schema = f"mmcds_stall_{uuid.uuid4().hex[:8]}"
-    conninfo = postgres_url.replace("+psycopg", "")
-    with psycopg.connect(conninfo, autocommit=True) as admin:
-        admin.execute(f'CREATE SCHEMA "{schema}"')
-    store = AnalysisStore(f"{postgres_url}?options=-csearch_path%3D{schema}")
+    store = AnalysisStore(pg_schema.url)
     try:
         fhir = "http://fhir.stall.test/fhir/R4"
         card = {
@@ -444,44 +441,18 @@ def test_a_stalled_database_does_not_hold_a_hook_past_its_budget(postgres_url: s
             local_reads=store.dialect == "sqlite",
         )
 
-        locked, release = threading.Event(), threading.Event()
-
-        def hold_lock() -> None:  # another session; lets go after 3 s at the latest
-            with psycopg.connect(conninfo, options=f"-c search_path={schema}") as locker:
-                locker.execute("LOCK TABLE mmcds_answers IN ACCESS EXCLUSIVE MODE")
-                locked.set()
-                release.wait(timeout=3.0)
-                locker.rollback()
-
-        async def hooks() -> tuple[FastAnswer, FastAnswer, float, int]:
+        async def hooks() -> tuple[FastAnswer, Stalled]:
             before = await fast.answer(fhir, "p1", None)  # read through: now in memory too
-            holder = threading.Thread(target=hold_lock)
-            holder.start()
-            assert locked.wait(timeout=10)
-            ticks = 0
+            return before, await while_locked(
+                pg_schema, "mmcds_answers", lambda: fast.answer(fhir, "p1", None)
+            )
 
-            async def ticker() -> None:  # counts while the loop is free
-                nonlocal ticks
-                while True:
-                    await asyncio.sleep(0.01)
-                    ticks += 1
-
-            counting = asyncio.ensure_future(ticker())
-            started = time.perf_counter()
-            during = await fast.answer(fhir, "p1", None)
-            elapsed = time.perf_counter() - started
-            counting.cancel()
-            release.set()  # the stall ends; the background read completes
-            await asyncio.to_thread(holder.join)
-            return before, during, elapsed, ticks
-
-        before, during, elapsed, ticks = asyncio.run(hooks())
+        before, stalled = asyncio.run(hooks())
         assert before.state == "current"
+        during: FastAnswer = stalled.result
         assert during.state == "over-budget" and during.unverified is not None
         assert during.cards == before.cards  # the last answer, which the card says is unverified
-        assert elapsed < 0.3 + 0.2
-        assert ticks >= 10  # the loop ran other work while the read waited
+        assert stalled.elapsed_s < 0.3 + 0.2
+        assert stalled.loop_ticks >= 10  # the loop ran other work while the read waited
     finally:
         store.engine.dispose()
-        with psycopg.connect(conninfo, autocommit=True) as admin:
-            admin.execute(f'DROP SCHEMA "{schema}" CASCADE')

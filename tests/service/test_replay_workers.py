@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 from joserfc.jwk import ECKey
+from stall import Schema, while_locked
 
 from mmcds.dev.servers import free_port
 from mmcds.service.auth import sign_hook_jwt
@@ -218,76 +219,31 @@ def test_concurrent_async_claims_of_one_key_admit_exactly_one(
 
 
 def test_a_stalled_replay_cache_refuses_within_the_deadline(
-    postgres_url: str, ehr_key: ECKey
+    pg_schema: Schema, ehr_key: ECKey
 ) -> None:
     """A replay cache that stops answering (a real PostgreSQL whose jti table another session
     holds locked) must not hold hooks: past the deadline the token is refused (fail closed),
     and the event loop stays free meanwhile."""
     import asyncio
-    import threading
-    import uuid
-
-    import psycopg
 
     from mmcds.errors import AuthError
     from mmcds.service.auth import JwtVerifier
     from mmcds.service.replay import DatabaseReplayCache
 
-    schema = f"mmcds_replay_stall_{uuid.uuid4().hex[:8]}"
-    conninfo = postgres_url.replace("+psycopg", "")
-    with psycopg.connect(conninfo, autocommit=True) as admin:
-        admin.execute(f'CREATE SCHEMA "{schema}"')
-    cache = DatabaseReplayCache(f"{postgres_url}?options=-csearch_path%3D{schema}")
+    cache = DatabaseReplayCache(pg_schema.url)
     jwks = json.dumps({"keys": [ehr_key.as_dict(private=False)]})
     verifier = JwtVerifier({ISSUER: jwks}, replay=cache, replay_timeout_s=0.3)
     audience = PUBLIC + PATH
-    locked, release = threading.Event(), threading.Event()
 
-    def hold_lock() -> None:  # another session; lets go after 3 s at the latest
-        with psycopg.connect(conninfo, options=f"-c search_path={schema}") as locker:
-            locker.execute("LOCK TABLE mmcds_seen_jti IN ACCESS EXCLUSIVE MODE")
-            locked.set()
-            release.wait(timeout=3.0)
-            locker.rollback()
-
-    async def verify(token: str) -> dict[str, object]:
+    async def verify() -> dict[str, object]:
+        token = sign_hook_jwt(ehr_key, issuer=ISSUER, audience=audience, kid=KID)
         return await verifier.verify_async(f"Bearer {token}", audience)
 
-    async def stalled() -> tuple[BaseException | None, float, int]:
-        holder = threading.Thread(target=hold_lock)
-        holder.start()
-        assert locked.wait(timeout=10)
-        ticks = 0
-
-        async def ticker() -> None:
-            nonlocal ticks
-            while True:
-                await asyncio.sleep(0.01)
-                ticks += 1
-
-        counting = asyncio.ensure_future(ticker())
-        started = time.perf_counter()
-        token = sign_hook_jwt(ehr_key, issuer=ISSUER, audience=audience, kid=KID)
-        try:
-            await verify(token)
-            error: BaseException | None = None
-        except AuthError as exc:
-            error = exc
-        elapsed = time.perf_counter() - started
-        counting.cancel()
-        release.set()
-        await asyncio.to_thread(holder.join)
-        return error, elapsed, ticks
-
     try:
-        token = sign_hook_jwt(ehr_key, issuer=ISSUER, audience=audience, kid=KID)
-        assert asyncio.run(verify(token))["jti"]  # a working cache admits
-        error, elapsed, ticks = asyncio.run(stalled())
-        assert isinstance(error, AuthError) and "in time" in str(error)
-        assert elapsed < 0.3 + 0.2 and ticks >= 10
-        fresh = sign_hook_jwt(ehr_key, issuer=ISSUER, audience=audience, kid=KID)
-        assert asyncio.run(verify(fresh))["jti"]  # and admits again once it answers
+        assert asyncio.run(verify())["jti"]  # a working cache admits
+        stalled = asyncio.run(while_locked(pg_schema, "mmcds_seen_jti", verify))
+        assert isinstance(stalled.error, AuthError) and "in time" in str(stalled.error)
+        assert stalled.elapsed_s < 0.3 + 0.2 and stalled.loop_ticks >= 10
+        assert asyncio.run(verify())["jti"]  # and admits again once it answers
     finally:
         cache.engine.dispose()
-        with psycopg.connect(conninfo, autocommit=True) as admin:
-            admin.execute(f'DROP SCHEMA "{schema}" CASCADE')
