@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import threading
 from collections.abc import Generator, Iterator, Mapping
@@ -162,7 +161,6 @@ class AnalysisService:
         with self._pipeline_lock:  # concurrent first calls must not load the models twice
             if self._pipeline is None:
                 self._pipeline = load_pipeline(self.settings)  # in-process or Ray Serve
-                gc.freeze()  # the models live as long as the process: out of the GC's scans
             return self._pipeline
 
     @property

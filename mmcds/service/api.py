@@ -130,6 +130,9 @@ def create_app(settings: Settings, pipeline: Pipeline | None = None) -> FastAPI:
         try:
             yield
         finally:
+            # Back to the collector before the interpreter tears down: frozen model objects
+            # (torch, ONNX Runtime) made a worker that had frozen them crash at exit (SIGSEGV).
+            gc.unfreeze()
             worker.stop()
             await service.fast.aclose()
             if service.queue is not None:
